@@ -1,0 +1,55 @@
+# lora_lab — every setup step lives here, so a fresh machine needs only `make setup`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+LORA_LAB := $(VENV)/bin/lora-lab
+FASHION_DIR := /usr/share/datasets/fashion-mnist
+# Extra Hydra overrides for `make sweep`, e.g. make sweep ARGS="sweep.ranks=[1,8] trainer.max_epochs=2"
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help setup data sweep test test-full bench lint format clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+setup: $(VENV)/.installed data  ## create .venv, install torch, lora_lab[dev] and the offline Fashion-MNIST
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	# The CPU/CUDA torch pair that lies on this machine's disk; other pairings break torchvision.
+	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -e '.[dev]'
+	touch $@
+
+data:  ## install Debian's Fashion-MNIST (the offline default dataset) if it is missing
+	@if [ -f $(FASHION_DIR)/train-images-idx3-ubyte.gz ]; then \
+	  echo "Fashion-MNIST present in $(FASHION_DIR)"; \
+	else \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update && $$SUDO apt-get install -y dataset-fashion-mnist; \
+	fi
+
+sweep: setup  ## run the default study (Fashion-MNIST rank sweep, offline) into outputs/
+	$(LORA_LAB) sweep $(ARGS)
+
+test:  ## the default test suite (under 10 minutes on 2 cores)
+	$(PY) -m pytest -m "not slow" -q
+
+test-full:  ## every test, slow ones included
+	$(PY) -m pytest -q
+
+bench:  ## benchmarks: print ratios measured side by side
+	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+lint:  ## ruff
+	$(VENV)/bin/ruff check .
+
+format:  ## ruff format + fix imports
+	$(VENV)/bin/ruff check --fix --select I .
+	$(VENV)/bin/ruff format .
+
+clean:  ## remove caches (keeps .venv and outputs/)
+	rm -rf .pytest_cache .ruff_cache .hypothesis
