@@ -1,0 +1,1 @@
+"""Weight-update spectra and subspace similarity (LoRA paper §7)."""
