@@ -1,0 +1,207 @@
+"""`lora-lab`: the command line. `sweep` and `train` are Hydra apps; `report` and `analyze`
+take a study folder.
+
+Bad input ends in one line on stderr and exit code 2; `--debug` (or LORA_LAB_DEBUG=1) shows
+the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+USAGE = """\
+usage: lora-lab <command> [hydra overrides…] [--debug]
+
+commands:
+  sweep    the whole study: pretrain → full finetune → LoRA at every rank → results, plots, report
+  train    one stage: stage=pretrain|full_finetune|lora (Hydra multirun with -m)
+  report   DIR: rebuild results.csv, the plots and report.md from the finished runs under DIR
+  analyze  DIR: weight-update spectra and subspace similarity (LoRA paper §7) → analysis.csv
+
+examples:
+  lora-lab sweep                                   # default study: Fashion-MNIST, ranks 1…64
+  lora-lab sweep sweep.ranks=[1,4,16] trainer.max_epochs=3 output_dir=outputs/quick
+  lora-lab sweep experiment=fashion_mnist_task_shift sweep.seeds=[0,1,2]
+  lora-lab sweep data=cifar10 model=convnet data.root=~/data   # CIFAR-10 files on disk
+  lora-lab train stage=pretrain output_dir=outputs/base
+  lora-lab train -m stage=lora lora.rank=1,2,4,8 pretrain_ckpt=outputs/base/checkpoints/pretrain.safetensors
+  lora-lab report outputs/<study>
+  lora-lab analyze outputs/<study>
+
+Any config value can be overridden (see conf/ and `lora-lab sweep --cfg job`).
+`--debug` or LORA_LAB_DEBUG=1 shows full tracebacks.
+"""
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class UsageError(ValueError):
+    """Bad command-line input."""
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"lora-lab: error: {message}", file=sys.stderr)
+    return code
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+def _guard(func: Callable[[], int | None], debug: bool) -> int:
+    """Run `func`; bad input → one line + exit 2, a crash → one line + exit 1."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    if debug:
+        return func() or 0
+    try:
+        return func() or 0
+    except (ValueError, OmegaConfBaseException, FileNotFoundError, PermissionError) as error:
+        return _fail(_one_line(error))
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except Exception as error:
+        return _fail(
+            f"{type(error).__name__}: {_one_line(error)} (run with --debug for the traceback)", 1
+        )
+
+
+def _preflight(overrides: Sequence[str]) -> None:
+    """Compose the config once before Hydra runs, to turn config mistakes into one line."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if any(arg in ("-m", "--multirun") for arg in overrides):
+        return  # sweep syntax (a=1,2) does not compose as one config; Hydra checks each job
+    plain = [arg for arg in overrides if not arg.startswith("-")]
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=plain)
+        OmegaConf.to_container(cfg, resolve=True)
+    except (HydraException, OmegaConfBaseException) as error:
+        message = _one_line(error).split(" Available options")[0]
+        options = str(error).split("Available options in")
+        if len(options) > 1:  # e.g. data=nosuch: name the choices on the same line
+            choices = ", ".join(
+                line.strip() for line in options[1].splitlines()[1:] if line.strip()
+            )
+            message += f" (choices: {choices})"
+        raise UsageError(message) from None
+    out = Path(str(cfg.output_dir)).expanduser()
+    existing = next(p for p in [out, *out.parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(
+            f"output_dir={str(out)!r} is not writable ({str(existing)!r} does not allow writing)"
+        )
+
+
+def _hydra_command(command: str, overrides: list[str], debug: bool) -> int:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import DictConfig
+
+    from lora_lab.pipeline import run_sweep, train
+
+    exit_code = 0
+    command_line = shlex.join(["lora-lab", command, *overrides])
+
+    def task(cfg: DictConfig) -> None:
+        nonlocal exit_code
+        study_dir = Path(HydraConfig.get().runtime.output_dir)
+
+        def body() -> int:
+            if command == "sweep":
+                summary = run_sweep(cfg, study_dir, command=command_line)
+                print(
+                    f"study written to {study_dir} (results.csv, accuracy_vs_rank.png, report.md)"
+                )
+                if summary["failed"]:
+                    print(
+                        f"{len(summary['failed'])} run(s) failed: {', '.join(summary['failed'])}",
+                        file=sys.stderr,
+                    )
+                    return 1
+                return 0
+            result, _ = train(cfg, study_dir)
+            print(
+                f"{result['run_id']}: test_acc={result['test_acc']} test_loss={result['test_loss']:.4f} → {study_dir}"
+            )
+            return 0
+
+        exit_code = max(exit_code, _guard(body, debug))
+
+    code = _guard(lambda: _preflight(overrides), debug)
+    if code:
+        return code
+    sys.argv = [f"lora-lab {command}", *overrides]
+    hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)()
+    return exit_code
+
+
+def _study_dir(args: list[str], command: str) -> Path:
+    if len(args) != 1:
+        raise UsageError(
+            f"`lora-lab {command}` takes one study folder, got {len(args)} arguments: lora-lab {command} DIR"
+        )
+    path = Path(args[0]).expanduser()
+    if not path.is_dir():
+        raise UsageError(f"study folder {str(path)!r} does not exist")
+    return path
+
+
+def _report(args: list[str]) -> int:
+    from lora_lab.pipeline import write_results_csv
+    from lora_lab.report import write_report
+
+    study = _study_dir(args, "report")
+    frame, problems = write_results_csv(study)
+    for problem in problems:
+        print(f"lora-lab: warning: {problem}", file=sys.stderr)
+    if frame.empty:
+        raise UsageError(f"no run results (result.json) found under {str(study)!r}")
+    report = write_report(study)
+    print(f"{len(frame)} runs → {study / 'results.csv'}, {report}")
+    return 0
+
+
+def _analyze(args: list[str]) -> int:
+    from lora_lab.analysis import analyze_study
+    from lora_lab.report import write_report
+
+    study = _study_dir(args, "analyze")
+    table = analyze_study(study)
+    print(f"{len(table)} rows → {study / 'analysis.csv'}")
+    if (study / "results.csv").is_file():
+        print(f"report updated: {write_report(study)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `lora-lab` console script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("LORA_LAB_DEBUG", "") not in ("", "0")
+    args = [arg for arg in args if arg != "--debug"]
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = args[0], args[1:]
+    if command in ("sweep", "train"):
+        return _hydra_command(command, rest, debug)
+    if command == "report":
+        return _guard(lambda: _report(rest), debug)
+    if command == "analyze":
+        return _guard(lambda: _analyze(rest), debug)
+    return _fail(
+        f"unknown command {command!r}; choose one of sweep, train, report, analyze (lora-lab --help)"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""LightningModules: a base classifier, a regression variant, and their LoRA subclasses.
+
+The modules receive built objects (a network, an optimizer partial, an optional scheduler
+partial) from Hydra, so nothing here parses configuration. The LoRA subclasses reuse the base
+forward and steps unchanged: they only load the pretrained weights, call `inject_lora`, and
+hand the optimizer exactly the parameters `inject_lora` left trainable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lora_lab.lora import LoRAConfig, inject_lora, lora_parameters
+from lora_lab.models.weights import load_network_weights
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
+
+class ClassifierModule(L.LightningModule):
+    """Cross-entropy classifier around any network mapping inputs to logits.
+
+    Logs `train_loss`/`train_acc` (per epoch), `val_loss`/`val_acc` and `test_loss`/
+    `test_acc`; after `trainer.test` the per-class test accuracy is in `per_class_test_acc`.
+
+    Args:
+        network: Maps `[B, ...]` inputs to logits `[B, num_classes]`.
+        optimizer: Partial that builds the optimizer from an iterable of parameters.
+        scheduler: Optional partial that builds an LR scheduler from the optimizer.
+            ReduceLROnPlateau schedulers monitor `val_loss`.
+        num_classes: Number of logits (labels keep their original indices under class
+            subsets, so this is the full class count).
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        num_classes: int = 10,
+    ) -> None:
+        super().__init__()
+        self.network = network
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.num_classes = num_classes
+        self.metrics = self.build_metrics()
+        self.per_class_test_acc: torch.Tensor | None = None
+
+    # -- task-specific hooks (overridden by RegressionModule) ---------------------------------
+    def build_metrics(self) -> nn.ModuleDict:
+        """Accuracy per split plus per-class test accuracy (`average=None`)."""
+        acc = lambda: MulticlassAccuracy(self.num_classes, average="micro")  # noqa: E731
+        return nn.ModuleDict(
+            {
+                "train_acc": acc(),
+                "val_acc": acc(),
+                "test_acc": acc(),
+                "test_per_class": MulticlassAccuracy(self.num_classes, average=None),
+            }
+        )
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of logits `[B, C]` against labels `[B]`."""
+        return F.cross_entropy(output, target)
+
+    def update_metrics(self, split: str, output: torch.Tensor, target: torch.Tensor) -> None:
+        """Feed one batch to this split's metrics and log them for the epoch."""
+        metric = self.metrics[f"{split}_acc"]
+        metric(output, target)
+        self.log(f"{split}_acc", metric, on_step=False, on_epoch=True)
+        if split == "test":
+            self.metrics["test_per_class"].update(output, target)
+
+    # -- Lightning hooks ----------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the network."""
+        return self.network(x)
+
+    def _step(self, batch: Sequence[torch.Tensor], split: str) -> torch.Tensor:
+        inputs, target = batch
+        output = self(inputs)
+        loss = self.loss(output, target)
+        # Epoch-level logging only: per-step logging costs more than a small MLP's step.
+        self.log(f"{split}_loss", loss, on_step=False, on_epoch=True, prog_bar=split != "test")
+        self.update_metrics(split, output.detach(), target)
+        return loss
+
+    def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        if "test_per_class" in self.metrics:
+            self.per_class_test_acc = self.metrics["test_per_class"].compute().cpu()
+            self.metrics["test_per_class"].reset()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters the optimizer updates: every parameter that requires grad."""
+        return [p for p in self.network.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.trainable_parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "monitor": "val_loss", "interval": "epoch"},
+        }
+
+
+class RegressionModule(ClassifierModule):
+    """Mean-squared-error regression (the linear-shift task); logs losses, no accuracy."""
+
+    def build_metrics(self) -> nn.ModuleDict:
+        return nn.ModuleDict()
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """MSE of predictions `[B, D]` against targets `[B, D]`."""
+        return F.mse_loss(output, target)
+
+    def update_metrics(self, split: str, output: torch.Tensor, target: torch.Tensor) -> None:
+        """Regression has no metric beyond the loss already logged."""
+
+
+class LoRAMixin:
+    """Turns a task module into its LoRA variant without touching its forward or steps.
+
+    Args:
+        network: The plain network (same architecture as the pretrained one).
+        lora: The adapter configuration (a `LoRAConfig` or a mapping of its fields).
+        pretrained: Path to the pretrained network weights (`.safetensors` or a Lightning
+            `.ckpt`); None keeps the network's current weights (tests, or weights set by the
+            caller).
+        **kwargs: Passed on to the task module (optimizer, scheduler, num_classes, ...).
+    """
+
+    network: nn.Module
+
+    def __init__(
+        self,
+        network: nn.Module,
+        lora: LoRAConfig | dict[str, Any],
+        pretrained: str | Path | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if pretrained is not None:
+            load_network_weights(network, pretrained)
+        self.lora_config = lora if isinstance(lora, LoRAConfig) else LoRAConfig(**lora)
+        self.wrapped_modules = inject_lora(network, self.lora_config)
+        super().__init__(network=network, **kwargs)  # type: ignore[call-arg]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Exactly what `inject_lora` made trainable: adapters, modules_to_save, biases."""
+        return lora_parameters(self.network)
+
+
+class LoRAClassifierModule(LoRAMixin, ClassifierModule):
+    """LoRA fine-tuning of a classifier."""
+
+
+class LoRARegressionModule(LoRAMixin, RegressionModule):
+    """LoRA fine-tuning of a regression model (linear-shift task)."""
+
+
+LORA_VARIANTS: dict[type[ClassifierModule], type[ClassifierModule]] = {
+    ClassifierModule: LoRAClassifierModule,
+    RegressionModule: LoRARegressionModule,
+}
+
+
+def lora_variant(module_class: type[ClassifierModule]) -> type[ClassifierModule]:
+    """The LoRA subclass of a task module class (e.g. ClassifierModule → LoRAClassifierModule)."""
+    if module_class in LORA_VARIANTS.values():
+        return module_class
+    try:
+        return LORA_VARIANTS[module_class]
+    except KeyError:
+        known = ", ".join(c.__name__ for c in LORA_VARIANTS)
+        raise ValueError(
+            f"module {module_class.__name__} has no LoRA variant; known modules: {known}"
+        ) from None

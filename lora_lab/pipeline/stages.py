@@ -1,0 +1,246 @@
+"""The three stages — pretrain, full finetune, LoRA finetune — as one `run_stage` function.
+
+A stage is: per-run config (stage overrides applied) → DataModule + network → LightningModule
+→ a fresh Trainer → fit → test → artefacts (weights or adapter) → a result row. The config is
+the only input; `run_stage` returns the result and the built objects so tests can inspect them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lora_lab.lora import LoRAConfig, count_parameters, lora_delta_weight, lora_layers, save_adapter
+from lora_lab.models import ClassifierModule, lora_variant, read_weights, save_network_weights
+
+log = logging.getLogger(__name__)
+
+STAGES = ("pretrain", "full_finetune", "lora")
+
+# Lightning prints a banner per Trainer and warns about num_workers=0 even though our batches
+# are prebuilt tensors; for a sweep of many short runs that is noise, not information.
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
+
+
+@dataclass
+class StageRun:
+    """What one stage produced: its result row and the objects that made it."""
+
+    result: dict[str, Any]
+    module: ClassifierModule
+    datamodule: L.LightningDataModule
+    trainer: L.Trainer
+
+
+def run_id_for(
+    stage: str, rank: int | None = None, alpha: float | None = None, seed: int = 0
+) -> str:
+    """A readable, unique folder name for a run, e.g. `lora_r8_a8_s0`."""
+    if stage != "lora":
+        return stage
+    return f"lora_r{rank}_a{alpha:g}_s{seed}"
+
+
+def stage_config(
+    cfg: DictConfig, stage: str, *, rank: int | None = None, seed: int | None = None
+) -> DictConfig:
+    """The config one run sees: `stages.<stage>` merged over the top-level groups.
+
+    Args:
+        cfg: The composed study config.
+        stage: One of `STAGES`.
+        rank: For LoRA runs, the rank of this run (sets `lora.rank`).
+        seed: The run's seed (sets `seed`); None keeps `cfg.seed`.
+
+    Returns:
+        A new config; `cfg` is not modified.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage={stage!r} is not a stage; choose one of {', '.join(STAGES)}")
+    overrides = cfg.stages[stage]
+    patch: dict[str, Any] = {
+        "data": overrides.data,
+        "module": overrides.module,
+        "trainer": overrides.trainer,
+        "stage": stage,
+    }
+    merged = OmegaConf.merge(cfg, patch)
+    with _editable(merged):
+        if overrides.classes is not None:
+            merged.data.classes = overrides.classes
+        if overrides.lr is not None:
+            merged.module.optimizer.lr = overrides.lr
+        if overrides.max_epochs is not None:
+            merged.trainer.max_epochs = overrides.max_epochs
+        if rank is not None:
+            merged.lora.rank = rank
+        if seed is not None:
+            merged.seed = seed
+    return merged
+
+
+class _editable:
+    """Context manager that lifts Hydra's struct flag for pipeline-owned edits."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+
+    def __enter__(self) -> DictConfig:
+        OmegaConf.set_struct(self.cfg, False)
+        return self.cfg
+
+    def __exit__(self, *exc: object) -> None:
+        OmegaConf.set_struct(self.cfg, True)
+
+
+def build_module(
+    run_cfg: DictConfig, network: torch.nn.Module, pretrained: Path | None
+) -> ClassifierModule:
+    """Instantiate the stage's LightningModule (the LoRA subclass for the LoRA stage)."""
+    stage = run_cfg.stage
+    if stage != "pretrain" and pretrained is None:
+        raise ValueError(f"stage={stage} needs pretrain_ckpt=<weights file>; none was given")
+    if stage == "lora":
+        lora_class = lora_variant(get_class(run_cfg.module._target_))
+        lora_config = LoRAConfig(**OmegaConf.to_container(run_cfg.lora, resolve=True))
+        return instantiate(
+            run_cfg.module,
+            _target_=f"{lora_class.__module__}.{lora_class.__qualname__}",
+            network=network,
+            lora=lora_config,
+            pretrained=str(pretrained),
+        )
+    if stage == "full_finetune":
+        from lora_lab.models import load_network_weights
+
+        load_network_weights(network, pretrained)
+    return instantiate(run_cfg.module, network=network)
+
+
+def _test(
+    trainer: L.Trainer, module: ClassifierModule, datamodule: L.LightningDataModule
+) -> dict[str, Any]:
+    metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    out: dict[str, Any] = {
+        "test_loss": float(metrics["test_loss"]),
+        "test_acc": float(metrics["test_acc"]) if "test_acc" in metrics else None,
+        "per_class_acc": {},
+    }
+    per_class = module.per_class_test_acc
+    if per_class is not None:
+        indices = getattr(datamodule, "class_indices", None) or range(len(per_class))
+        names = getattr(datamodule, "class_names", None) or [str(i) for i in range(len(per_class))]
+        out["per_class_acc"] = {names[i]: round(float(per_class[i]), 6) for i in indices}
+    return out
+
+
+def _relative_delta_error(
+    module: ClassifierModule, datamodule: Any, pretrained: Path | None
+) -> float | None:
+    """‖ΔW_learned − ΔW_true‖_F / ‖ΔW_true‖_F when the task knows its true update."""
+    true_delta = getattr(datamodule, "true_delta", None)
+    if true_delta is None or pretrained is None:
+        return None
+    layers = lora_layers(module.network)
+    if layers:
+        (layer,) = layers.values()
+        learned = lora_delta_weight(layer)
+    else:
+        (name,) = [n for n, p in module.network.named_parameters() if p.ndim == 2]
+        learned = module.network.get_parameter(name).detach() - read_weights(pretrained)[name]
+    true_delta = true_delta.to(learned)
+    return float(torch.linalg.norm(learned - true_delta) / torch.linalg.norm(true_delta))
+
+
+def run_stage(
+    run_cfg: DictConfig,
+    study_dir: Path,
+    *,
+    pretrained: Path | None = None,
+    target_data: DictConfig | None = None,
+) -> StageRun:
+    """Train and test one stage; save its weights or adapter; return its result row.
+
+    Args:
+        run_cfg: A config from `stage_config` (its `stage`, `seed`, `lora.rank` are this run's).
+        study_dir: The study folder: runs go to `runs/<run_id>/`, pretrain and full-finetune
+            weights to `checkpoints/`, adapters to `adapters/rank_<r>_seed_<s>/`.
+        pretrained: Weights the finetune stages start from.
+        target_data: For pretrain, the finetune stages' data config: when it differs from the
+            pretrain data, `test_acc` is measured on it (accuracy before finetuning) and the
+            pretrain task's own accuracy goes to `source_test_acc`.
+
+    Returns:
+        The result row and the objects that produced it.
+    """
+    stage, seed = run_cfg.stage, int(run_cfg.seed)
+    rank = int(run_cfg.lora.rank) if stage == "lora" else None
+    alpha = float(run_cfg.lora.alpha) if stage == "lora" else None
+    run_id = run_id_for(stage, rank, alpha, seed)
+    run_dir = study_dir / "runs" / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with _editable(run_cfg):
+        run_cfg.run_id, run_cfg.run_dir = run_id, str(run_dir)
+
+    L.seed_everything(seed, workers=True, verbose=False)
+    datamodule = instantiate(run_cfg.data)
+    network = instantiate(run_cfg.model)
+    module = build_module(run_cfg, network, pretrained)
+    loggers = [instantiate(c) for c in run_cfg.logger.values()] if run_cfg.get("logger") else []
+    trainer = instantiate(run_cfg.trainer, logger=loggers, default_root_dir=str(run_dir))
+
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    train_seconds = time.perf_counter() - start
+
+    tested = _test(trainer, module, datamodule)
+    source_test_acc = None
+    if stage == "pretrain":
+        source_test_acc = tested["test_acc"]
+        if target_data is not None and OmegaConf.to_container(
+            target_data, resolve=True
+        ) != OmegaConf.to_container(run_cfg.data, resolve=True):
+            tested = _test(trainer, module, instantiate(target_data))
+
+    counts = count_parameters(module.network)
+    if stage == "lora":
+        save_adapter(module.network, study_dir / "adapters" / f"rank_{rank}_seed_{seed}")
+    else:
+        save_network_weights(module.network, study_dir / "checkpoints" / f"{stage}.safetensors")
+
+    result: dict[str, Any] = {
+        "run_id": run_id,
+        "stage": stage,
+        "rank": rank,
+        "alpha": alpha,
+        "seed": seed,
+        "learning_rate": float(run_cfg.module.optimizer.lr),
+        "trainable_params": counts["trainable"],
+        "total_params": counts["total"],
+        **tested,
+        "source_test_acc": source_test_acc,
+        "train_seconds": round(train_seconds, 3),
+        "epochs": int(trainer.current_epoch),
+        "run_dir": f"runs/{run_id}",
+        "status": "ok",
+        "error": "",
+    }
+    delta_error = _relative_delta_error(module, datamodule, pretrained)
+    if delta_error is not None:
+        result["delta_rel_error"] = delta_error
+    if result["test_loss"] is not None and not math.isfinite(result["test_loss"]):
+        result["status"], result["error"] = "failed", "test loss is not finite"
+    return StageRun(result=result, module=module, datamodule=datamodule, trainer=trainer)
