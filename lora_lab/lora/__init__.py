@@ -1,0 +1,39 @@
+"""Plain-PyTorch LoRA for any `nn.Module`: layers, injection, merging, PEFT-format I/O, counts.
+
+Typical use::
+
+    config = LoRAConfig(rank=8, alpha=16, target_modules="all-linear", modules_to_save=["head"])
+    inject_lora(model, config)                 # wraps layers in place, freezes the rest
+    optimizer = torch.optim.Adam(lora_parameters(model), lr=1e-3)
+    ...
+    save_adapter(model, "adapters/rank8")      # loads in peft.PeftModel.from_pretrained too
+    unload_lora(model)                         # plain layers with merged weights
+"""
+
+from lora_lab.lora.adapter_io import load_adapter, save_adapter
+from lora_lab.lora.config import LoRAConfig
+from lora_lab.lora.inject import inject_lora, lora_config, lora_layers, lora_parameters
+from lora_lab.lora.layers import LoRAConv2d, LoRAEmbedding, LoRALayer, LoRALinear
+from lora_lab.lora.merge import is_merged, lora_delta_weight, merge_lora, unload_lora, unmerge_lora
+from lora_lab.lora.params import count_parameters, parameter_summary
+
+__all__ = [
+    "LoRAConfig",
+    "LoRAConv2d",
+    "LoRAEmbedding",
+    "LoRALayer",
+    "LoRALinear",
+    "count_parameters",
+    "inject_lora",
+    "is_merged",
+    "load_adapter",
+    "lora_config",
+    "lora_delta_weight",
+    "lora_layers",
+    "lora_parameters",
+    "merge_lora",
+    "parameter_summary",
+    "save_adapter",
+    "unload_lora",
+    "unmerge_lora",
+]
