@@ -1,0 +1,294 @@
+"""DataModules for Fashion-MNIST, MNIST and CIFAR-10: splits, class subsets, normalisation."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from lora_lab.data.base import BatchedDataModule
+from lora_lab.data.cache import DecodedDataset, load_dataset
+from lora_lab.data.errors import DataError
+from lora_lab.data.loader import BatchTensorDataset, NormalizeImages, RandomCropFlip
+from lora_lab.data.sources import CIFAR10, FASHION_MNIST, MNIST, DatasetSpec
+
+log = logging.getLogger(__name__)
+
+ClassSelection = Sequence[int | str] | int | str | None
+
+
+def _normalise_name(name: str) -> str:
+    # "T-shirt/top", "t_shirt top" and "tshirttop" all name the same class.
+    return re.sub(r"[^0-9a-z]", "", name.lower())
+
+
+def resolve_classes(
+    dataset: str, class_names: Sequence[str], classes: ClassSelection
+) -> tuple[int, ...]:
+    """Turn a class selection (names and/or indices, mixed) into sorted label indices.
+
+    Args:
+        dataset: Dataset name, for messages.
+        class_names: All class names, indexed by label.
+        classes: ``None`` for all classes; else names or indices, e.g. ``["cat", 2, "dog"]``.
+
+    Returns:
+        The selected original label indices, ascending.
+
+    Raises:
+        DataError: on an empty selection, an unknown name, an out-of-range or repeated class.
+    """
+    count = len(class_names)
+    if classes is None:
+        return tuple(range(count))
+    items = [classes] if isinstance(classes, (str, int)) else list(classes)
+    if not items:
+        raise DataError(
+            f"{dataset}: classes=[] selects no class; give names or indices 0..{count - 1}, "
+            "or classes=null for all"
+        )
+    by_name = {_normalise_name(name): index for index, name in enumerate(class_names)}
+    chosen: list[int] = []
+    for item in items:
+        if isinstance(item, str) and _normalise_name(item) in by_name:
+            index = by_name[_normalise_name(item)]
+        elif isinstance(item, str) and not item.strip().isdigit():
+            raise DataError(
+                f"{dataset}: unknown class name {item!r}; valid names: {', '.join(class_names)}"
+            )
+        elif isinstance(item, bool) or not isinstance(item, (int, str)):
+            raise DataError(f"{dataset}: class {item!r} is neither a name nor an index")
+        else:
+            index = int(item)
+        if not 0 <= index < count:
+            raise DataError(f"{dataset}: class index {index} out of range 0..{count - 1}")
+        if index in chosen:
+            raise DataError(
+                f"{dataset}: class {item!r} ({class_names[index]}, index {index}) "
+                f"selected twice in classes={items}"
+            )
+        chosen.append(index)
+    return tuple(sorted(chosen))
+
+
+class VisionDataModule(BatchedDataModule):
+    """An image classification dataset served as normalised float batches.
+
+    Train and validation are a seeded split of the official training set; test is the official
+    test set. With ``classes`` only those classes are kept in all three, with their original
+    labels, so a 10-way head trained on classes 0-4 can be finetuned on 5-9.
+
+    Args:
+        root: Folder holding the files (directly or in torchvision's layout); searched first.
+        download: Let torchvision download into ``<cache_dir>/downloads`` if no folder has them.
+        cache_dir: Cache folder; default ``$LORA_LAB_CACHE`` or ``~/.cache/lora_lab``.
+        batch_size: Training batch size.
+        eval_batch_size: Validation/test batch size; defaults to ``batch_size``.
+        val_size: Images moved from the official train set to validation.
+        classes: Names or indices of the classes to keep; ``None`` keeps all.
+        seed: Seed of the train/val split and of the per-epoch shuffle.
+        num_workers: DataLoader worker processes.
+        name: Plain config key; checked against the dataset, otherwise unused.
+        input_shape: Plain config key ``[C, H, W]``; checked, otherwise unused.
+        num_classes: Plain config key; checked, otherwise unused.
+        class_names: Plain config key; checked, otherwise unused.
+
+    Attributes:
+        input_shape: ``[C, H, W]``.
+        num_classes: Always the full class count (10): heads keep their size under subsets.
+        class_names: All class names, indexed by label.
+        class_indices: The kept labels, ascending.
+    """
+
+    spec: ClassVar[DatasetSpec]
+    augment: bool = False
+
+    def __init__(
+        self,
+        root: str | Path | None = None,
+        download: bool = False,
+        cache_dir: str | Path | None = None,
+        batch_size: int = 1024,
+        eval_batch_size: int | None = None,
+        val_size: int = 5000,
+        classes: ClassSelection = None,
+        seed: int = 0,
+        num_workers: int = 0,
+        name: str | None = None,
+        input_shape: Sequence[int] | None = None,
+        num_classes: int | None = None,
+        class_names: Sequence[str] | None = None,
+    ) -> None:
+        self.name = self.spec.name
+        super().__init__(batch_size, eval_batch_size, seed, num_workers)
+        self._check_int("val_size", val_size, minimum=0)
+        self.root = root
+        self.download = bool(download)
+        self.cache_dir = cache_dir
+        self.val_size = val_size
+        self.input_shape = list(self.spec.input_shape)
+        self.num_classes = len(self.spec.class_names)
+        self.class_names = list(self.spec.class_names)
+        self.class_indices = list(resolve_classes(self.name, self.class_names, classes))
+        self._check_plain_keys(
+            name, input_shape=input_shape, num_classes=num_classes, class_names=class_names
+        )
+        self.save_hyperparameters()
+        self.decoded: DecodedDataset | None = None
+
+    @property
+    def selected_class_names(self) -> list[str]:
+        """Names of the kept classes, in label order."""
+        return [self.class_names[index] for index in self.class_indices]
+
+    @property
+    def source(self) -> str | None:
+        """Folder the data was read from, once loaded."""
+        return str(self.decoded.located.directory) if self.decoded is not None else None
+
+    def fingerprint(self) -> dict[str, object]:
+        """Describe the data files used: folder, kind of source, path/size/sha1 of each file."""
+        decoded = self._load()
+        return {
+            "dataset": self.name,
+            "source": str(decoded.located.directory),
+            "source_kind": decoded.located.kind,
+            "files": [
+                {key: f[key] for key in ("path", "size", "sha1_first_mib")} for f in decoded.files
+            ],
+            "cache_key": decoded.key,
+        }
+
+    def _load(self) -> DecodedDataset:
+        if self.decoded is None:
+            self.decoded = load_dataset(self.spec, self.root, self.download, self.cache_dir)
+            decoded = self.decoded
+            how = {
+                "decoded": "decoded, cache written to",
+                "cache hit": "cache hit",
+                "memory": "already in memory, cache",
+            }[decoded.origin]
+            log.info(
+                "%s: loaded from %s (%s %s)",
+                self.name,
+                decoded.located.directory,
+                how,
+                decoded.cache_path,
+            )
+        return self.decoded
+
+    def prepare_data(self) -> None:
+        """Download if allowed and needed, decode, and write the disk cache (once per node)."""
+        load_dataset(self.spec, self.root, self.download, self.cache_dir)
+
+    def _keep(self, labels: Tensor) -> Tensor:
+        """Boolean mask ``[N]`` of the labels in the selected classes."""
+        return torch.isin(labels, torch.tensor(self.class_indices, dtype=labels.dtype))
+
+    def _subset(
+        self, images: Tensor, labels: Tensor, index: Tensor, augment: bool
+    ) -> BatchTensorDataset:
+        index = index[self._keep(labels.index_select(0, index))]
+        transform = NormalizeImages(
+            self.spec.mean, self.spec.std, augment=RandomCropFlip(padding=4) if augment else None
+        )
+        return BatchTensorDataset(
+            images.index_select(0, index), labels.index_select(0, index), transform
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the train/val/test datasets (all at once: a split costs one index_select).
+
+        Raises:
+            DataError: when the files are missing or corrupt, ``val_size`` is too large, or
+                the class selection leaves no training images.
+        """
+        if self.train_dataset is not None:
+            return
+        decoded = self._load()
+        total = len(decoded.train_y)
+        if self.val_size >= total:
+            raise DataError(
+                f"{self.name}: val_size={self.val_size} leaves no training images "
+                f"(the training set has {total})"
+            )
+        order = torch.randperm(total, generator=torch.Generator().manual_seed(self.seed))
+        # Sorted so a split is a set: the same seed gives byte-identical tensors.
+        val_index = order[: self.val_size].sort().values
+        train_index = order[self.val_size :].sort().values
+        self.train_dataset = self._subset(
+            decoded.train_x, decoded.train_y, train_index, self.augment
+        )
+        self.val_dataset = self._subset(decoded.train_x, decoded.train_y, val_index, False)
+        self.test_dataset = self._subset(
+            decoded.test_x, decoded.test_y, torch.arange(len(decoded.test_y)), False
+        )
+        if len(self.train_dataset) == 0:
+            raise DataError(
+                f"{self.name}: classes {self.selected_class_names} have no training "
+                f"images in {decoded.located.directory}"
+            )
+
+
+class FashionMNISTDataModule(VisionDataModule):
+    """Fashion-MNIST (Zalando): 60000 + 10000 grey 28×28 images of 10 clothing classes."""
+
+    spec = FASHION_MNIST
+
+
+class MNISTDataModule(VisionDataModule):
+    """MNIST: 60000 + 10000 grey 28×28 handwritten digits."""
+
+    spec = MNIST
+
+
+class CIFAR10DataModule(VisionDataModule):
+    """CIFAR-10: 50000 + 10000 colour 32×32 images of 10 classes.
+
+    Args:
+        augment: Random crop (zero padding 4) and horizontal flip, per image, on training
+            batches only.
+
+    The other arguments are those of :class:`VisionDataModule`.
+    """
+
+    spec = CIFAR10
+
+    def __init__(
+        self,
+        root: str | Path | None = None,
+        download: bool = False,
+        cache_dir: str | Path | None = None,
+        batch_size: int = 1024,
+        eval_batch_size: int | None = None,
+        val_size: int = 5000,
+        classes: ClassSelection = None,
+        seed: int = 0,
+        num_workers: int = 0,
+        augment: bool = False,
+        name: str | None = None,
+        input_shape: Sequence[int] | None = None,
+        num_classes: int | None = None,
+        class_names: Sequence[str] | None = None,
+    ) -> None:
+        self.augment = bool(augment)
+        super().__init__(
+            root,
+            download,
+            cache_dir,
+            batch_size,
+            eval_batch_size,
+            val_size,
+            classes,
+            seed,
+            num_workers,
+            name,
+            input_shape,
+            num_classes,
+            class_names,
+        )
