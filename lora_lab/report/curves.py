@@ -1,0 +1,191 @@
+"""Training and validation curves of every finished run, read from its Lightning CSV log."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import matplotlib
+
+# Same rule as plots.py: headless unless the caller already chose a pyplot backend.
+if "matplotlib.pyplot" not in sys.modules:
+    matplotlib.use("Agg")
+
+from pathlib import Path
+
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from lora_lab.report._io import save_figure
+from lora_lab.report._style import (
+    FULL_FINETUNE_COLOR,
+    PRETRAIN_COLOR,
+    figure_legend,
+    new_figure,
+    sequential_colors,
+    theme,
+)
+from lora_lab.report.results import config_label, ok_runs, varying_lora_dims
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = Path("logs") / "metrics.csv"
+SPLITS = {"train": "train", "val": "validation"}
+QUANTITIES = {"loss": "loss", "acc": "accuracy"}
+CURVE_COLUMNS = ["run_id", "config", "seed", "epoch", "split", "quantity", "value"]
+
+
+def metrics_path(study_dir: str | Path, run_dir: str) -> Path | None:
+    """Where a run's CSVLogger output lives, or ``None`` if the row has no ``run_dir``."""
+    return Path(study_dir) / run_dir / METRICS_FILE if run_dir else None
+
+
+def _epoch_series(log: pd.DataFrame, name: str) -> pd.Series | None:
+    """One value per epoch of a logged metric: its last value logged in that epoch.
+
+    Lightning names an epoch-aggregated metric ``name`` or, when it is also logged per step,
+    ``name_epoch``; rows are sparse (NaN where that metric was not logged at that step).
+    """
+    for column in (name, f"{name}_epoch"):
+        if column in log.columns and "epoch" in log.columns:
+            values = log[["epoch", column]].dropna()
+            if not values.empty:
+                return values.groupby("epoch")[column].last()
+    return None
+
+
+def collect_curves(study_dir: str | Path, df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Gather every finished run's per-epoch metrics into one long table.
+
+    Args:
+        study_dir: The study folder (``run_dir`` entries are relative to it).
+        df: The results table; failed runs are skipped.
+
+    Returns:
+        ``(curves, missing)``: ``curves`` has columns ``CURVE_COLUMNS`` (``split`` is
+        "train"/"validation", ``quantity`` "loss"/"accuracy"); ``missing`` lists the run ids
+        whose ``metrics.csv`` is absent or unreadable.
+    """
+    dims = varying_lora_dims(df)
+    frames: list[pd.DataFrame] = []
+    missing: list[str] = []
+    for _, row in ok_runs(df).iterrows():
+        path = metrics_path(study_dir, row["run_dir"])
+        try:
+            log = pd.read_csv(path) if path is not None and path.is_file() else None
+        except (OSError, ValueError) as error:  # a truncated or garbled log is not fatal
+            logger.warning("run %s: cannot read %s: %s", row["run_id"], path, error)
+            log = None
+        if log is None:
+            missing.append(row["run_id"])
+            continue
+        for split, split_name in SPLITS.items():
+            for quantity, quantity_name in QUANTITIES.items():
+                series = _epoch_series(log, f"{split}_{quantity}")
+                if series is None:
+                    continue
+                frames.append(
+                    pd.DataFrame(
+                        {
+                            "run_id": row["run_id"],
+                            "config": config_label(row, dims),
+                            "seed": row["seed"],
+                            "epoch": series.index.astype(float),
+                            "split": split_name,
+                            "quantity": quantity_name,
+                            "value": series.to_numpy(dtype=float),
+                        }
+                    )
+                )
+    curves = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=CURVE_COLUMNS)
+    return curves, missing
+
+
+def _palette(df: pd.DataFrame, configs: list[str]) -> dict[str, object]:
+    """Fixed colours for pretrain/full finetune; LoRA configurations coloured in rank order."""
+    lora = [c for c in configs if c.startswith("LoRA")]
+    colors: dict[str, object] = dict(zip(lora, sequential_colors(lora), strict=False))
+    colors.update({"pretrain": PRETRAIN_COLOR, "full finetune": FULL_FINETUNE_COLOR})
+    return {c: colors[c] for c in configs}
+
+
+def _missing_note(missing: list[str], shown: int = 6) -> str:
+    """ "no metrics.csv for: a, b, c and 4 more" (short enough for one figure line)."""
+    names = ", ".join(missing[:shown])
+    more = f" and {len(missing) - shown} more" if len(missing) > shown else ""
+    return f"No logs/metrics.csv for run(s): {names}{more} (skipped)."
+
+
+def draw_curves(study_dir: str | Path, df: pd.DataFrame) -> Figure | None:
+    """Grid of curves: columns loss/accuracy, rows train/validation; see :func:`plot_curves`."""
+    curves, missing = collect_curves(study_dir, df)
+    if curves.empty:
+        return None
+    # Configurations in study order (pretrain, full finetune, then LoRA by rank) for the legend.
+    order = ok_runs(df).sort_values(["stage", "rank", "alpha", "learning_rate"], kind="stable")
+    stage_rank = {"pretrain": 0, "full_finetune": 1, "lora": 2}
+    order = order.assign(_stage=order["stage"].map(stage_rank)).sort_values("_stage", kind="stable")
+    dims = varying_lora_dims(df)
+    configs = [c for c in dict.fromkeys(order.apply(lambda r: config_label(r, dims), axis=1))
+               if c in set(curves["config"])]  # fmt: skip
+    palette = _palette(df, configs)
+    quantities = [q for q in QUANTITIES.values() if q in set(curves["quantity"])]
+    splits = [s for s in SPLITS.values() if s in set(curves["split"])]
+    several_seeds = curves.groupby("config")["run_id"].nunique().max() > 1
+    with theme():
+        fig, axes = new_figure(
+            4.4 * len(quantities) + 2.2, 3.2 * len(splits) + 0.6,
+            nrows=len(splits), ncols=len(quantities), sharex=True, sharey="col",
+        )  # fmt: skip
+        for i, split in enumerate(splits):
+            for j, quantity in enumerate(quantities):
+                ax = axes[i][j]
+                data = curves[(curves["split"] == split) & (curves["quantity"] == quantity)]
+                if data.empty:
+                    ax.text(0.5, 0.5, "not logged", ha="center", va="center",
+                            transform=ax.transAxes, color="0.5")  # fmt: skip
+                else:
+                    # units + estimator=None: one line per seed, seeds of a config share a colour.
+                    sns.lineplot(
+                        data, x="epoch", y="value", hue="config", hue_order=configs,
+                        palette=palette, units="run_id", estimator=None, marker="o",
+                        markersize=4, linewidth=1.4, ax=ax,
+                    )  # fmt: skip
+                ax.set_title(f"{split} {quantity}")
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
+                ax.set_xlabel("epoch" if i == len(splits) - 1 else "")
+                ax.set_ylabel(quantity)
+        losses = curves.loc[curves["quantity"] == "loss", "value"]
+        if not losses.empty and (losses > 0).all() and losses.max() / losses.min() > 20:
+            # Losses spanning decades read better on a log axis (the loss column is first).
+            for ax in axes[:, 0]:
+                ax.set_yscale("log")
+        title = "Training and validation curves" + (" (one line per seed)" if several_seeds else "")
+        if "pretrain" in configs:
+            title += "\npretrain curves are measured on the pretraining (source) task"
+        fig.suptitle(title)
+        figure_legend(fig, list(axes.flat))
+        if missing:
+            fig.supxlabel(_missing_note(missing), fontsize=8, color="0.35", ha="left", x=0.01)
+    return fig
+
+
+def plot_curves(study_dir: str | Path, df: pd.DataFrame, path: str | Path) -> Path | None:
+    """Training and validation loss/accuracy per epoch for every finished run.
+
+    Reads ``<study_dir>/<run_dir>/logs/metrics.csv`` of each run; runs without one are skipped
+    and named in a note under the figure. Accuracy columns are absent for regression studies.
+
+    Args:
+        study_dir: The study folder.
+        df: The results table (failed rows are ignored).
+        path: PNG to write.
+
+    Returns:
+        ``path``, or ``None`` when no run has a readable log.
+    """
+    with theme():
+        fig = draw_curves(study_dir, df)
+        return None if fig is None else save_figure(fig, path)

@@ -1,0 +1,310 @@
+"""Seaborn figures of a study, drawn from its results table only.
+
+Each ``plot_*`` function writes one PNG and returns its path, or returns ``None`` when there is
+nothing to draw (e.g. every LoRA run failed). Failed rows are dropped, never raised on. Each
+has a ``draw_*`` twin that returns the ``Figure`` unsaved, which is what tests inspect.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import matplotlib
+
+# Headless by default (CI, ssh, sweeps); but if the caller already uses pyplot (a notebook),
+# keep its backend: switching would close the caller's open figures, and we never use pyplot.
+if "matplotlib.pyplot" not in sys.modules:
+    matplotlib.use("Agg")
+
+from pathlib import Path
+
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from lora_lab.report._io import save_figure
+from lora_lab.report._style import (
+    FULL_FINETUNE_COLOR,
+    LORA_COLOR,
+    PRETRAIN_COLOR,
+    draw_baselines,
+    figure_legend,
+    format_metric,
+    metric_axis,
+    new_figure,
+    sequential_colors,
+    set_count_axis,
+    set_rank_axis,
+    theme,
+)
+from lora_lab.report.curves import draw_curves, plot_curves
+from lora_lab.report.results import (
+    config_label,
+    format_count,
+    format_value,
+    main_metric,
+    ok_runs,
+    parse_per_class,
+    varying_lora_dims,
+)
+
+__all__ = [
+    "draw_accuracy_vs_params",
+    "draw_accuracy_vs_rank",
+    "draw_curves",
+    "draw_per_class",
+    "plot_accuracy_vs_params",
+    "plot_accuracy_vs_rank",
+    "plot_curves",
+    "plot_per_class",
+    "rank_plot_dimensions",
+]
+
+
+def rank_plot_dimensions(df: pd.DataFrame) -> tuple[str | None, str | None]:
+    """How the rank plot shows the LoRA hyper-parameters that vary besides rank and seed.
+
+    Returns:
+        ``(hue, facet)``: ``alpha`` or ``learning_rate`` as hue when one of them varies; when
+        both vary, hue is ``alpha`` (it interacts with rank through the α/r scaling) and the
+        figure has one panel per ``learning_rate``.
+    """
+    dims = varying_lora_dims(df)
+    if len(dims) == 2:
+        return "alpha", "learning_rate"
+    return (dims[0] if dims else None), None
+
+
+def _annotate_params(ax, lora: pd.DataFrame, metric: str, hue: str | None) -> None:
+    """Write the trainable-parameter count just above the highest mean (+sd) at each rank."""
+    keys = ["rank", hue] if hue else ["rank"]
+    stats = lora.groupby(keys)[metric].agg(["mean", "std"]).fillna({"std": 0.0})
+    top = (stats["mean"] + stats["std"]).groupby(level="rank").max()
+    params = lora.groupby("rank")["trainable_params"].median()
+    for rank, y in top.items():
+        ax.annotate(
+            format_count(params.get(rank)),
+            (rank, y),
+            xytext=(0, 7),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontsize=7.5,
+            color="0.25",
+        )
+
+
+def draw_accuracy_vs_rank(df: pd.DataFrame) -> Figure | None:
+    """LoRA test accuracy (or test loss for regression) against rank; see ``plot_accuracy_vs_rank``."""
+    metric, _ = main_metric(df)
+    lora = ok_runs(df, "lora").dropna(subset=["rank", metric])
+    lora = lora[lora["rank"] > 0]  # a log2 axis cannot show rank 0
+    if lora.empty:
+        return None
+    hue, facet = rank_plot_dimensions(lora)
+    lora = lora.assign(
+        _hue=lora[hue].map(lambda v: "LoRA " + format_value(hue, v)) if hue else "LoRA"
+    )
+    hue_order = list(dict.fromkeys(lora.sort_values(hue)["_hue"])) if hue else None
+    palette = dict(zip(hue_order, sequential_colors(hue_order), strict=True)) if hue else None
+    panels = sorted(lora[facet].dropna().unique()) if facet else [None]
+    n_seeds = int(lora.groupby(["rank", "alpha", "learning_rate"], dropna=False).size().max())
+    with theme():
+        fig, axes = new_figure(4.6 * len(panels) + 1.4, 4.8, ncols=len(panels), sharey=True)
+        for ax, panel in zip(axes[0], panels, strict=True):
+            data = lora if facet is None else lora[lora[facet] == panel]
+            # Without hue, name the single line ourselves so it gets a legend entry.
+            style = (
+                {"hue": "_hue", "hue_order": hue_order, "palette": palette}
+                if hue
+                else {
+                    "color": LORA_COLOR,
+                    "label": "LoRA" + (" (mean ± sd)" if n_seeds > 1 else ""),
+                }
+            )
+            sns.lineplot(
+                data, x="rank", y=metric, errorbar="sd", marker="o", markersize=7, ax=ax, **style
+            )
+            metric, label = metric_axis(ax, df)
+            draw_baselines(ax, df, metric)
+            _annotate_params(ax, data, metric, "_hue" if hue else None)
+            set_rank_axis(ax, lora["rank"].unique())
+            ax.margins(y=0.12)
+            ax.set_xlabel("LoRA rank r (log₂ scale); numbers: trainable parameters")
+            if facet:
+                ax.set_title(format_value(facet, panel))
+        axes[0][0].set_ylabel(label)
+        what = "test accuracy" if metric == "test_acc" else "test loss"
+        seeds = f" (mean ± sd over {n_seeds} seeds)" if n_seeds > 1 else ""
+        fig.suptitle(f"LoRA {what} vs rank{seeds}")
+        figure_legend(fig, list(axes[0]))
+    return fig
+
+
+def plot_accuracy_vs_rank(df: pd.DataFrame, path: str | Path) -> Path | None:
+    """LoRA test accuracy against rank, with the full-finetune and pretrained levels drawn in.
+
+    Ranks sit on a log2 axis; lines are means over seeds with a ±1 sd band; each rank point
+    carries its trainable-parameter count. A varying ``alpha``/``learning_rate`` becomes hue
+    (and panels when both vary, see :func:`rank_plot_dimensions`). Regression studies (no
+    accuracy) show test loss on a log axis instead.
+
+    Args:
+        df: The results table (failed rows are ignored).
+        path: PNG to write.
+
+    Returns:
+        ``path``, or ``None`` when no finished LoRA run has a metric.
+    """
+    with theme():
+        fig = draw_accuracy_vs_rank(df)
+        return None if fig is None else save_figure(fig, path)
+
+
+def draw_accuracy_vs_params(df: pd.DataFrame) -> Figure | None:
+    """Accuracy against trainable parameters; see :func:`plot_accuracy_vs_params`."""
+    metric, _ = main_metric(df)
+    lora = ok_runs(df, "lora").dropna(subset=["rank", metric, "trainable_params"])
+    full = ok_runs(df, "full_finetune").dropna(subset=[metric, "trainable_params"])
+    if lora.empty and full.empty:
+        return None
+    with theme():
+        fig, axes = new_figure(7.2, 4.4)
+        ax = axes[0][0]
+        if not lora.empty:
+            # Seeds (and any alpha/lr variants) of one rank share a parameter count: one point.
+            per_rank = lora.groupby("rank").agg(
+                params=("trainable_params", "median"),
+                mean=(metric, "mean"),
+                std=(metric, "std"),
+            )
+            ax.plot(per_rank["params"], per_rank["mean"], color="0.7", lw=1.3, zorder=1)
+            ax.errorbar(
+                per_rank["params"], per_rank["mean"], yerr=per_rank["std"].fillna(0.0),
+                fmt="none", ecolor="0.55", capsize=3, zorder=2,
+            )  # fmt: skip
+            for color, (rank, row) in zip(
+                sequential_colors(per_rank.index), per_rank.iterrows(), strict=True
+            ):
+                ax.scatter(
+                    row["params"], row["mean"], s=60, color=color, edgecolor="white",
+                    zorder=3, label=f"LoRA {format_value('rank', rank)}",
+                )  # fmt: skip
+        if not full.empty:
+            mean, std = full[metric].mean(), full[metric].std()
+            ax.errorbar(
+                full["trainable_params"].median(), mean, yerr=0.0 if pd.isna(std) else std,
+                fmt="*", ms=15, color=FULL_FINETUNE_COLOR, capsize=3, zorder=4,
+                label=f"full finetune ({format_metric(metric, mean)})",
+            )  # fmt: skip
+        before = ok_runs(df, "pretrain")[metric].dropna()
+        if not before.empty:
+            value = float(before.mean())
+            ax.axhline(
+                value, ls=":", lw=1.6, color=PRETRAIN_COLOR,
+                label=f"before finetuning ({format_metric(metric, value)})",
+            )  # fmt: skip
+        metric_axis(ax, df)
+        set_count_axis(ax)
+        ax.margins(x=0.08, y=0.12)
+        ax.set_xlabel("trainable parameters (log scale)")
+        what = "Test accuracy" if metric == "test_acc" else "Test loss"
+        fig.suptitle(f"{what} vs trainable parameters")
+        figure_legend(fig, [ax])
+    return fig
+
+
+def plot_accuracy_vs_params(df: pd.DataFrame, path: str | Path) -> Path | None:
+    """Test accuracy against trainable parameters (log x): the cost side of the rank sweep.
+
+    LoRA ranks are points coloured by rank (mean ± sd over seeds) joined in rank order; full
+    finetuning is a star; the pretrained model ("before finetuning") a dotted line.
+
+    Args:
+        df: The results table (failed rows are ignored).
+        path: PNG to write.
+
+    Returns:
+        ``path``, or ``None`` when there is neither a LoRA nor a full-finetune result.
+    """
+    with theme():
+        fig = draw_accuracy_vs_params(df)
+        return None if fig is None else save_figure(fig, path)
+
+
+def per_class_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Long table ``model, run_id, class, accuracy`` for the per-class comparison.
+
+    Models: the pretrained model ("before finetuning"), full finetuning, and the LoRA
+    configuration with the best mean test accuracy among those reporting per-class numbers.
+    """
+    records: list[dict[str, object]] = []
+
+    def add(rows: pd.DataFrame, model: str) -> None:
+        for _, row in rows.iterrows():
+            for name, accuracy in parse_per_class(row["per_class_acc"], row["run_id"]).items():
+                records.append({"model": model, "run_id": row["run_id"], "class": name,
+                                "accuracy": accuracy})  # fmt: skip
+
+    add(ok_runs(df, "pretrain"), "before finetuning")
+    add(ok_runs(df, "full_finetune"), "full finetune")
+    lora = ok_runs(df, "lora")
+    lora = lora[
+        lora["test_acc"].notna() & lora["per_class_acc"].map(lambda t: bool(parse_per_class(t)))
+    ]
+    if not lora.empty:
+        dims = varying_lora_dims(df)
+        labels = lora.apply(lambda row: config_label(row, dims), axis=1)
+        best = lora["test_acc"].groupby(labels).mean().idxmax()
+        add(lora[labels == best], f"best {best}")
+    return pd.DataFrame(records, columns=["model", "run_id", "class", "accuracy"])
+
+
+def draw_per_class(df: pd.DataFrame) -> Figure | None:
+    """Grouped bars of per-class accuracy; see :func:`plot_per_class`."""
+    table = per_class_table(df)
+    if table.empty:
+        return None
+    classes = list(dict.fromkeys(table["class"]))
+    models = list(dict.fromkeys(table["model"]))
+    colors = {"before finetuning": PRETRAIN_COLOR, "full finetune": FULL_FINETUNE_COLOR}
+    palette = {model: colors.get(model, LORA_COLOR) for model in models}
+    with theme():
+        fig, axes = new_figure(min(22.0, max(7.0, 0.75 * len(classes) + 2.5)), 4.4)
+        ax = axes[0][0]
+        sns.barplot(
+            table, x="class", y="accuracy", hue="model", order=classes, hue_order=models,
+            palette=palette, errorbar="sd", err_kws={"linewidth": 1.0}, capsize=0.15, ax=ax,
+        )  # fmt: skip
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("class")
+        ax.set_ylabel("test accuracy on the class (finetune task)")
+        if len(classes) > 8 or max(len(c) for c in classes) > 8:
+            ax.tick_params(axis="x", labelrotation=35)
+            for tick in ax.get_xticklabels():
+                tick.set_horizontalalignment("right")
+        spread = (
+            " (mean ± sd over seeds)"
+            if table.groupby("model")["run_id"].nunique().max() > 1
+            else ""
+        )
+        fig.suptitle(f"Per-class test accuracy, before and after finetuning{spread}")
+        figure_legend(fig, [ax])
+    return fig
+
+
+def plot_per_class(df: pd.DataFrame, path: str | Path) -> Path | None:
+    """Per-class accuracy before finetuning, after full finetuning and after the best LoRA.
+
+    Bars are means over seeds (±1 sd when there are several).
+
+    Args:
+        df: The results table (failed rows are ignored).
+        path: PNG to write.
+
+    Returns:
+        ``path``, or ``None`` when no finished run has a non-empty ``per_class_acc``.
+    """
+    with theme():
+        fig = draw_per_class(df)
+        return None if fig is None else save_figure(fig, path)

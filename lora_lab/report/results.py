@@ -1,0 +1,207 @@
+"""Reading a study's ``results.csv`` and the small helpers every report piece shares.
+
+The column list below is the contract with ``lora_lab.pipeline``: one row per run, failed runs
+kept (with ``status == "failed"`` and empty metrics) so a report can say what went wrong.
+Nothing here imports the rest of ``lora_lab``; the report draws only from files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS: tuple[str, ...] = (
+    "run_id",
+    "stage",
+    "rank",
+    "alpha",
+    "seed",
+    "learning_rate",
+    "trainable_params",
+    "total_params",
+    "test_acc",
+    "test_loss",
+    "per_class_acc",
+    "source_test_acc",
+    "train_seconds",
+    "epochs",
+    "run_dir",
+    "status",
+    "error",
+)
+NUMERIC_COLUMNS: tuple[str, ...] = (
+    "rank",
+    "alpha",
+    "seed",
+    "learning_rate",
+    "trainable_params",
+    "total_params",
+    "test_acc",
+    "test_loss",
+    "source_test_acc",
+    "train_seconds",
+    "epochs",
+)
+TEXT_COLUMNS: tuple[str, ...] = tuple(c for c in REQUIRED_COLUMNS if c not in NUMERIC_COLUMNS)
+STAGE_ORDER: tuple[str, ...] = ("pretrain", "full_finetune", "lora")
+
+
+def check_columns(df: pd.DataFrame, source: str | Path) -> None:
+    """Raise a one-line ``ValueError`` naming ``source`` and every missing required column.
+
+    Args:
+        df: A results table.
+        source: What to call the table in the message (usually the csv path).
+
+    Raises:
+        ValueError: If any column of ``REQUIRED_COLUMNS`` is absent.
+    """
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{source}: missing required column(s): {', '.join(missing)}")
+
+
+def normalize_results(df: pd.DataFrame, source: str | Path = "results table") -> pd.DataFrame:
+    """Return a copy with the contract's dtypes: numbers as floats, text as ``str`` ("" if empty).
+
+    Numbers stay float (not nullable Int64) because ``rank`` and ``alpha`` are empty for
+    non-LoRA rows and seaborn/matplotlib handle NaN floats everywhere.
+
+    Args:
+        df: A results table as read from csv or built in memory.
+        source: Name used in the error message.
+
+    Returns:
+        The normalized copy.
+
+    Raises:
+        ValueError: If required columns are missing.
+    """
+    check_columns(df, source)
+    out = df.copy()
+    for column in NUMERIC_COLUMNS:
+        out[column] = pd.to_numeric(out[column], errors="coerce").astype(float)
+    for column in TEXT_COLUMNS:
+        out[column] = out[column].fillna("").astype(str).str.strip()
+    out["status"] = out["status"].str.lower()
+    return out
+
+
+def read_results(path: str | Path) -> pd.DataFrame:
+    """Read and validate a ``results.csv``.
+
+    Args:
+        path: The csv file.
+
+    Returns:
+        The normalized table (see :func:`normalize_results`).
+
+    Raises:
+        ValueError: If the file is missing, empty, or lacks required columns.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: results file not found")
+    try:
+        # Text columns as str so that a run_id such as "001" or an empty error stays text.
+        df = pd.read_csv(path, dtype=dict.fromkeys(TEXT_COLUMNS, str))
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path}: results file is empty (no header row)") from None
+    return normalize_results(df, path)
+
+
+def ok_mask(df: pd.DataFrame) -> pd.Series:
+    """Boolean mask of the runs that finished (``status == "ok"``); anything else counts as failed."""
+    return df["status"].astype(str).str.lower().eq("ok")
+
+
+def ok_runs(df: pd.DataFrame, stage: str | None = None) -> pd.DataFrame:
+    """The finished runs, optionally of one stage."""
+    rows = df[ok_mask(df)]
+    if stage is not None:
+        rows = rows[rows["stage"] == stage]
+    return rows
+
+
+def extra_numeric_columns(df: pd.DataFrame) -> list[str]:
+    """Numeric columns beyond the contract (e.g. ``delta_rel_error``), in file order."""
+    return [
+        c
+        for c in df.columns
+        if c not in REQUIRED_COLUMNS
+        and pd.api.types.is_numeric_dtype(df[c])
+        and not pd.api.types.is_bool_dtype(df[c])
+    ]
+
+
+def main_metric(df: pd.DataFrame) -> tuple[str, str]:
+    """The metric a study is judged by: test accuracy, or test loss for regression studies.
+
+    Returns:
+        ``(column, axis label)``.
+    """
+    if ok_runs(df)["test_acc"].notna().any():
+        return "test_acc", "test accuracy"
+    return "test_loss", "test loss (log scale; regression study: no accuracy)"
+
+
+def varying_lora_dims(df: pd.DataFrame) -> list[str]:
+    """Which of ``alpha`` / ``learning_rate`` take several values among the finished LoRA runs."""
+    lora = ok_runs(df, "lora")
+    return [c for c in ("alpha", "learning_rate") if lora[c].dropna().nunique() > 1]
+
+
+def format_value(column: str, value: float) -> str:
+    """Short text for a hyper-parameter value, e.g. ``α=16`` or ``lr=0.001``."""
+    prefix = {"alpha": "α", "learning_rate": "lr", "rank": "r", "seed": "s"}.get(column, column)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return f"{prefix}=?"
+    return f"{prefix}={value:g}"
+
+
+def config_label(row: pd.Series, dims: list[str]) -> str:
+    """Label of a run's configuration without its seed: ``LoRA r=8 α=16``, ``full finetune``.
+
+    Args:
+        row: One results row.
+        dims: The varying LoRA hyper-parameters to include (see :func:`varying_lora_dims`).
+    """
+    if row["stage"] != "lora":
+        return str(row["stage"]).replace("_", " ")
+    parts = ["LoRA", format_value("rank", row["rank"])]
+    parts += [format_value(d, row[d]) for d in dims]
+    return " ".join(parts)
+
+
+def format_count(count: float) -> str:
+    """Human-readable parameter count with three significant digits: 512, 1.2k, 34.5k, 1.2M."""
+    if count is None or (isinstance(count, float) and math.isnan(count)):
+        return "?"
+    for threshold, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(count) >= threshold:
+            return f"{count / threshold:.3g}{suffix}"
+    return f"{count:.0f}"
+
+
+def parse_per_class(text: str, run_id: str = "?") -> dict[str, float]:
+    """Parse a ``per_class_acc`` JSON object; an empty or malformed cell gives ``{}``.
+
+    Malformed cells are logged, not raised: a report should still render around a bad row.
+    """
+    if not text or text in ("{}", "nan"):
+        return {}
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError:
+        logger.warning("run %s: per_class_acc is not valid JSON; ignored", run_id)
+        return {}
+    if not isinstance(parsed, dict):
+        logger.warning("run %s: per_class_acc is not a JSON object; ignored", run_id)
+        return {}
+    return {str(k): float(v) for k, v in parsed.items() if isinstance(v, (int, float))}
