@@ -1,0 +1,51 @@
+"""Reading and validating results.csv."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from report_fakes import make_results
+
+from lora_lab.report import REQUIRED_COLUMNS, read_results, summary_table, write_report
+
+
+def test_read_results_keeps_text_as_text_and_blanks_empty_errors(tmp_path: Path) -> None:
+    df = make_results(ranks=(1,), seeds=(0,))
+    df.loc[0, "run_id"] = "007"
+    df.to_csv(tmp_path / "results.csv", index=False)
+    read = read_results(tmp_path / "results.csv")
+    assert read.loc[0, "run_id"] == "007"  # not the integer 7
+    assert (read["error"] == "").all()
+    assert read["rank"].dtype == float and read["rank"].isna().sum() == 2
+
+
+def test_missing_results_file_is_a_value_error_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"results\.csv: results file not found"):
+        write_report(tmp_path)
+
+
+def test_missing_required_columns_are_named_in_one_line(tmp_path: Path) -> None:
+    make_results(ranks=(1,), seeds=(0,)).drop(columns=["rank", "status"]).to_csv(
+        tmp_path / "results.csv", index=False
+    )
+    with pytest.raises(ValueError) as info:
+        write_report(tmp_path)
+    message = str(info.value)
+    assert str(tmp_path / "results.csv") in message
+    assert "rank" in message and "status" in message
+    assert "seed" not in message  # only the missing ones
+    assert "\n" not in message
+    assert not (tmp_path / "report.md").exists()
+
+
+def test_empty_results_file_is_a_value_error(tmp_path: Path) -> None:
+    (tmp_path / "results.csv").write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        read_results(tmp_path / "results.csv")
+
+
+def test_summary_table_validates_in_memory_tables_too() -> None:
+    with pytest.raises(ValueError, match="test_loss"):
+        summary_table(pd.DataFrame(columns=[c for c in REQUIRED_COLUMNS if c != "test_loss"]))
