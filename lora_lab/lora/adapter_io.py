@@ -177,7 +177,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> list[st
     expected = expected_shapes(model, config, resolved)
     unexpected = sorted(k for k in raw if not k.startswith(PREFIX))
     tensors = canonical_keys(
-        {k[len(PREFIX):]: v for k, v in raw.items() if k.startswith(PREFIX)},
+        {k[len(PREFIX) :]: v for k, v in raw.items() if k.startswith(PREFIX)},
         resolved.modules_to_save,
     )
     unexpected += sorted(PREFIX + k for k in tensors if k not in expected)
@@ -189,8 +189,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> list[st
     )
     problems = [
         f"{label}: {_listing(keys)}"
-        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                            ("shape mismatches", wrong_shape))
+        for label, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", wrong_shape),
+        )
         if keys
     ]
     if problems:

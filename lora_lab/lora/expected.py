@@ -72,9 +72,7 @@ def adapter_keys(model: nn.Module, state: AdapterState) -> dict[str, Tensor]:
     for name in state.modules_to_save:
         for key, tensor in module_tensors(model.get_submodule(name)).items():
             tensors[f"{name}.{key}"] = tensor
-    tensors.update(
-        _bias_tensors(model, state.config.bias, state.targets, state.modules_to_save)
-    )
+    tensors.update(_bias_tensors(model, state.config.bias, state.targets, state.modules_to_save))
     return tensors
 
 
@@ -135,11 +133,11 @@ def canonical_keys(tensors: dict[str, Tensor], saved: tuple[str, ...]) -> dict[s
     aliases: dict[str, Tensor] = {}
     for key, tensor in tensors.items():
         owner = next((m for m in saved if key.startswith(m + ".")), None)
-        rest = key[len(owner) + 1:] if owner is not None else ""
+        rest = key[len(owner) + 1 :] if owner is not None else ""
         if owner is not None and rest.startswith("original_module."):
             continue
         if owner is not None and rest.startswith("modules_to_save."):
-            aliases[f"{owner}.{rest[len('modules_to_save.'):]}"] = tensor
+            aliases[f"{owner}.{rest[len('modules_to_save.') :]}"] = tensor
             continue
         result[key] = tensor
     for key, tensor in aliases.items():

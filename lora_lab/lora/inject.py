@@ -138,7 +138,10 @@ def _warn_if_oversized(name: str, layer: LoRALayer) -> None:
         logger.warning(
             "LoRA adapter on %s has %d parameters, more than the %d of the layer it adapts "
             "(rank %d); a full finetune of this layer would be smaller",
-            name, adapter, base, layer.rank,
+            name,
+            adapter,
+            base,
+            layer.rank,
         )
 
 

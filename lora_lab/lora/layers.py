@@ -270,9 +270,7 @@ class LoRAEmbedding(LoRALayer):
         self.lora_embedding_A = nn.Parameter(
             torch.empty(rank, base_layer.num_embeddings, **factory)
         )
-        self.lora_embedding_B = nn.Parameter(
-            torch.empty(base_layer.embedding_dim, rank, **factory)
-        )
+        self.lora_embedding_B = nn.Parameter(torch.empty(base_layer.embedding_dim, rank, **factory))
         self.reset_adapter("kaiming")
 
     def _set_dropout(self, dropout: float) -> None:

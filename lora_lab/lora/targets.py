@@ -52,8 +52,9 @@ def base_named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, module.base_layer
             continue
         yield name, module
-        children = [(f"{name}.{child}" if name else child, sub)
-                    for child, sub in module.named_children()]
+        children = [
+            (f"{name}.{child}" if name else child, sub) for child, sub in module.named_children()
+        ]
         stack.extend(reversed(children))
 
 
@@ -111,8 +112,9 @@ def resolve_targets(model: nn.Module, config: LoRAConfig) -> ResolvedTargets:
         matched = [n for n, _ in modules if name_matches(n, config.modules_to_save)]
         # A module inside another saved module is saved with its parent already.
         save_names = [n for n in matched if not any(n.startswith(o + ".") for o in matched)]
-        missing = [e for e in config.modules_to_save
-                   if not any(name_matches(n, [e]) for n in save_names)]
+        missing = [
+            e for e in config.modules_to_save if not any(name_matches(n, [e]) for n in save_names)
+        ]
         if missing:
             raise ValueError(
                 f"modules_to_save entries {missing} match no module; modules: "

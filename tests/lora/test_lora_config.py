@@ -61,8 +61,14 @@ def test_scaling_plain_and_rslora() -> None:
 
 def test_peft_dict_round_trip() -> None:
     config = LoRAConfig(
-        rank=3, alpha=6, dropout=0.1, target_modules=["a", "b"], use_rslora=True,
-        init="gaussian", bias="lora_only", modules_to_save=["head"],
+        rank=3,
+        alpha=6,
+        dropout=0.1,
+        target_modules=["a", "b"],
+        use_rslora=True,
+        init="gaussian",
+        bias="lora_only",
+        modules_to_save=["head"],
     )
     peft = config.to_peft_dict(["a", "b"], ["head"])
     assert peft["peft_type"] == "LORA" and peft["r"] == 3 and peft["lora_alpha"] == 6

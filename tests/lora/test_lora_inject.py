@@ -83,13 +83,17 @@ def test_embedding_targets_become_lora_embedding() -> None:
 
 def test_nothing_matched_lists_the_candidate_layers() -> None:
     model = make_model("conv")
-    with pytest.raises(ValueError, match=r"matched no module; candidate layers .*conv1, conv2, head"):
+    with pytest.raises(
+        ValueError, match=r"matched no module; candidate layers .*conv1, conv2, head"
+    ):
         inject_lora(model, LoRAConfig(rank=2, alpha=2, target_modules=["attention"]))
 
 
 def test_unsupported_matched_type_is_named() -> None:
     model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
-    with pytest.raises(ValueError, match=r"module '1' is a LayerNorm; LoRA supports only nn.Linear"):
+    with pytest.raises(
+        ValueError, match=r"module '1' is a LayerNorm; LoRA supports only nn.Linear"
+    ):
         inject_lora(model, LoRAConfig(rank=1, alpha=1, target_modules=["0", "1"]))
 
 
@@ -102,8 +106,9 @@ def test_grouped_conv_target_is_refused_with_its_name() -> None:
 def test_target_inside_modules_to_save_is_a_conflict() -> None:
     model = make_model("mlp")
     with pytest.raises(ValueError, match="adapted or saved in full, not both"):
-        inject_lora(model, LoRAConfig(rank=1, alpha=1, target_modules=["head"],
-                                      modules_to_save=["head"]))
+        inject_lora(
+            model, LoRAConfig(rank=1, alpha=1, target_modules=["head"], modules_to_save=["head"])
+        )
 
 
 def test_unknown_modules_to_save_is_refused() -> None:

@@ -24,8 +24,12 @@ def _randomize(layer: nn.Module, seed: int = 0) -> None:
 
 @SETTINGS
 @given(
-    in_dim=st.integers(1, 24), out_dim=st.integers(1, 24), rank=st.integers(1, 32),
-    batch=st.integers(1, 6), alpha=st.floats(0.5, 32.0), rslora=st.booleans(),
+    in_dim=st.integers(1, 24),
+    out_dim=st.integers(1, 24),
+    rank=st.integers(1, 32),
+    batch=st.integers(1, 6),
+    alpha=st.floats(0.5, 32.0),
+    rslora=st.booleans(),
 )
 def test_linear_properties(
     in_dim: int, out_dim: int, rank: int, batch: int, alpha: float, rslora: bool
@@ -53,13 +57,24 @@ def test_linear_properties(
 
 @SETTINGS
 @given(
-    in_ch=st.integers(1, 5), out_ch=st.integers(1, 5), rank=st.integers(1, 8),
-    kernel=st.sampled_from([1, 2, 3]), stride=st.integers(1, 2), padding=st.integers(0, 2),
-    dilation=st.integers(1, 2), batch=st.integers(1, 3),
+    in_ch=st.integers(1, 5),
+    out_ch=st.integers(1, 5),
+    rank=st.integers(1, 8),
+    kernel=st.sampled_from([1, 2, 3]),
+    stride=st.integers(1, 2),
+    padding=st.integers(0, 2),
+    dilation=st.integers(1, 2),
+    batch=st.integers(1, 3),
 )
 def test_conv2d_properties(
-    in_ch: int, out_ch: int, rank: int, kernel: int, stride: int, padding: int,
-    dilation: int, batch: int,
+    in_ch: int,
+    out_ch: int,
+    rank: int,
+    kernel: int,
+    stride: int,
+    padding: int,
+    dilation: int,
+    batch: int,
 ) -> None:
     torch.manual_seed(0)
     base = nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=padding, dilation=dilation)
@@ -86,8 +101,11 @@ def test_conv2d_properties(
 
 @SETTINGS
 @given(
-    vocab=st.integers(2, 40), dim=st.integers(1, 16), rank=st.integers(1, 16),
-    batch=st.integers(1, 4), padding=st.booleans(),
+    vocab=st.integers(2, 40),
+    dim=st.integers(1, 16),
+    rank=st.integers(1, 16),
+    batch=st.integers(1, 4),
+    padding=st.booleans(),
 )
 def test_embedding_properties(vocab: int, dim: int, rank: int, batch: int, padding: bool) -> None:
     torch.manual_seed(0)
