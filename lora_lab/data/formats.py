@@ -109,6 +109,8 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
             ("numpy._core.multiarray", "_reconstruct"),
             ("numpy.core.multiarray", "scalar"),
             ("numpy._core.multiarray", "scalar"),
+            # Python 3 writes bytes under pickle protocol 2 as _codecs.encode(str, "latin1").
+            ("_codecs", "encode"),
         }
     )
 

@@ -94,7 +94,22 @@ class LinearShiftDataModule(BatchedDataModule):
         self.num_classes = None
         self.class_names = None
         self._check_plain_keys(name, input_shape=input_shape, output_dim=output_dim)
-        self.save_hyperparameters()
+        # Plain types only (see VisionDataModule): checkpoints must load with weights_only=True.
+        self.save_hyperparameters(
+            {
+                "n": n,
+                "d_in": d_in,
+                "d_out": d_out,
+                "shift": self.shift,
+                "data_seed": data_seed,
+                "val_fraction": float(val_fraction),
+                "test_fraction": float(test_fraction),
+                "batch_size": batch_size,
+                "eval_batch_size": eval_batch_size,
+                "seed": self.seed,
+                "num_workers": num_workers,
+            }
+        )
         generator = torch.Generator().manual_seed(derive_seed(data_seed, _THETA_STREAM))
         self.theta = torch.randn(d_in, d_out, generator=generator)
         self.true_delta = torch.full((d_out, d_in), self.shift)

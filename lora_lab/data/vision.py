@@ -138,7 +138,22 @@ class VisionDataModule(BatchedDataModule):
         self._check_plain_keys(
             name, input_shape=input_shape, num_classes=num_classes, class_names=class_names
         )
-        self.save_hyperparameters()
+        # Plain types only: checkpoints store these and load with torch.load(weights_only=True),
+        # which rejects Path and OmegaConf containers.
+        self.save_hyperparameters(
+            {
+                "root": None if root is None else str(root),
+                "download": self.download,
+                "cache_dir": None if cache_dir is None else str(cache_dir),
+                "batch_size": batch_size,
+                "eval_batch_size": eval_batch_size,
+                "val_size": val_size,
+                "classes": None if classes is None else self.class_indices,
+                "seed": self.seed,
+                "num_workers": num_workers,
+                "augment": self.augment,
+            }
+        )
         self.decoded: DecodedDataset | None = None
 
     @property
