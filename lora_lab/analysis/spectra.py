@@ -118,11 +118,27 @@ def subspace_similarity_grid(
     Returns:
         `[max_i, max_j]` float64 in [0, 1]; entry [i-1, j-1] is φ(A1, A2, i, j).
     """
-    v1, v2 = right_singular_vectors(a1), right_singular_vectors(a2)
+    return similarity_grid_from_bases(
+        right_singular_vectors(a1), right_singular_vectors(a2), max_i, max_j
+    )
+
+
+def similarity_grid_from_bases(
+    v1: Tensor, v2: Tensor, max_i: int | None = None, max_j: int | None = None
+) -> Tensor:
+    """`subspace_similarity_grid` from precomputed right singular vectors.
+
+    Args:
+        v1: `[k1, in]` orthonormal rows, most important first (`right_singular_vectors`).
+        v2: `[k2, in]`.
+        max_i: defaults to k1.
+        max_j: defaults to k2.
+
+    Returns:
+        `[max_i, max_j]`, entry [i-1, j-1] = φ(i, j).
+    """
     if v1.shape[1] != v2.shape[1]:
-        raise ValueError(
-            f"A1 and A2 act on different input spaces: {v1.shape[1]} vs {v2.shape[1]}"
-        )
+        raise ValueError(f"A1 and A2 act on different input spaces: {v1.shape[1]} vs {v2.shape[1]}")
     max_i = v1.shape[0] if max_i is None else max_i
     max_j = v2.shape[0] if max_j is None else max_j
     if not (1 <= max_i <= v1.shape[0] and 1 <= max_j <= v2.shape[0]):
@@ -173,12 +189,36 @@ def projection_fraction(delta_lora: Tensor, delta_full: Tensor, k: int) -> float
         raise ValueError(f"shape mismatch: {tuple(lora.shape)} vs {tuple(full.shape)}")
     if not 1 <= k <= min(full.shape):
         raise ValueError(f"k must lie in 1..{min(full.shape)}, got {k}")
-    lora_norm = torch.linalg.matrix_norm(lora)
-    if lora_norm == 0:
-        return math.nan
     u, _, vh = torch.linalg.svd(full, full_matrices=False)
-    projected = u[:, :k].T @ lora @ vh[:k].T  # [k, k]
-    return float(torch.linalg.matrix_norm(projected) / lora_norm)
+    return share_in_subspace(lora, u[:, :k], vh[:k].T)
+
+
+def share_in_subspace(delta: Tensor, left: Tensor, right: Tensor) -> float:
+    """‖leftᵀ ΔW right‖_F / ‖ΔW‖_F for orthonormal bases `left`, `right`.
+
+    The core of `projection_fraction`, for callers that reuse one SVD of ΔW_full across
+    many LoRA updates.
+
+    Args:
+        delta: `[out, in]` (or conv `[out, in, kh, kw]`).
+        left: `[out, k]` orthonormal columns.
+        right: `[in, k]` orthonormal columns (in = in*kh*kw for a conv).
+
+    Returns:
+        A value in [0, 1]; NaN when ΔW is zero.
+    """
+    matrix = as_matrix(delta)
+    k = left.shape[1]
+    if not 1 <= k <= min(matrix.shape) or right.shape != (matrix.shape[1], k):
+        raise ValueError(
+            f"bases {tuple(left.shape)}, {tuple(right.shape)} do not fit ΔW "
+            f"{tuple(matrix.shape)} with 1 <= k <= {min(matrix.shape)}"
+        )
+    norm = torch.linalg.matrix_norm(matrix)
+    if norm == 0:
+        return math.nan
+    projected = left.to(torch.float64).T @ matrix @ right.to(torch.float64)  # [k, k]
+    return float(torch.linalg.matrix_norm(projected) / norm)
 
 
 def relative_error(delta_lora: Tensor, delta_full: Tensor) -> float:
@@ -219,11 +259,37 @@ def amplification_factor(delta: Tensor, weight: Tensor, k: int) -> float:
         raise ValueError(f"shape mismatch: {tuple(d.shape)} vs {tuple(w.shape)}")
     if not 1 <= k <= min(d.shape):
         raise ValueError(f"k must lie in 1..{min(d.shape)}, got {k}")
-    u, _, vh = torch.linalg.svd(d, full_matrices=False)
-    inside = torch.linalg.matrix_norm(u[:, :k].T @ w @ vh[:k].T)
-    if inside == 0:
+    u, s, vh = torch.linalg.svd(d, full_matrices=False)
+    return amplification_from_svd(w, u[:, :k], vh[:k].T, float(s.square().sum().sqrt()))
+
+
+def amplification_from_svd(weight: Tensor, left: Tensor, right: Tensor, delta_norm: float) -> float:
+    """`amplification_factor` given ΔW's top-k bases `left` `[out, k]`, `right` `[in, k]`."""
+    share = share_in_subspace(weight, left, right)  # ‖U_kᵀ W V_k‖ / ‖W‖
+    inside = share * float(torch.linalg.matrix_norm(as_matrix(weight)))
+    if inside == 0 or math.isnan(inside):
         return math.inf
-    return float(torch.linalg.matrix_norm(d) / inside)
+    return delta_norm / inside
+
+
+def lora_svd(a: Tensor, b: Tensor, scaling: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of B·A·scaling from its factors, never forming the dense `[out, in]` update.
+
+    With B = Q_b R_b and Aᵀ = Q_a R_a, B·A = Q_b (R_b R_aᵀ) Q_aᵀ, so only an r×r core needs
+    an SVD: O((out + in)·r²) instead of O(out·in·min(out, in)).
+
+    Args:
+        a: `[r, in]` or conv `[r, in, kh, kw]`.
+        b: `[out, r]` or conv `[out, r, 1, 1]`.
+        scaling: alpha / r (or alpha / sqrt(r)).
+
+    Returns:
+        u `[out, m]`, s `[m]` (largest first), v `[in*kh*kw, m]`, m = min(r, out, in).
+    """
+    q_b, r_b = torch.linalg.qr(as_matrix(b))  # [out, m_b], [m_b, r]
+    q_a, r_a = torch.linalg.qr(as_matrix(a).T)  # [in, m_a], [m_a, r]
+    core_u, s, core_vh = torch.linalg.svd(r_b @ r_a.T * scaling, full_matrices=False)
+    return q_b @ core_u, s, q_a @ core_vh.T
 
 
 def lora_delta(a: Tensor, b: Tensor, scaling: float) -> Tensor:

@@ -13,6 +13,7 @@ from lora_lab.analysis.spectra import (
     effective_rank,
     energy_rank,
     lora_delta,
+    lora_svd,
     projection_fraction,
     relative_error,
     singular_values,
@@ -135,3 +136,21 @@ def test_lora_delta_conv_matches_conv_then_1x1_conv() -> None:
     assert delta.shape == (4, 3, 3, 3)
     expected = 2.0 * F.conv2d(F.conv2d(x, a, padding=1), b)
     torch.testing.assert_close(F.conv2d(x, delta.float(), padding=1), expected)
+
+
+@pytest.mark.parametrize(
+    ("a_shape", "b_shape"),
+    [((3, 7), (5, 3)), ((6, 4), (9, 6)), ((2, 3, 3, 3), (4, 2, 1, 1)), ((5, 8), (3, 5))],
+)
+def test_lora_svd_matches_the_dense_svd(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> None:
+    generator = torch.Generator().manual_seed(2)
+    a = torch.randn(a_shape, generator=generator, dtype=torch.float64)
+    b = torch.randn(b_shape, generator=generator, dtype=torch.float64)
+    u, s, v = lora_svd(a, b, -0.7)
+    dense = lora_delta(a, b, -0.7)
+    flat = dense.reshape(dense.shape[0], -1)
+    m = min(a_shape[0], *flat.shape)
+    assert u.shape == (flat.shape[0], m) and v.shape == (flat.shape[1], m)
+    torch.testing.assert_close(s, singular_values(dense)[:m])
+    torch.testing.assert_close(u @ torch.diag(s) @ v.T, flat)
+    torch.testing.assert_close(u.T @ u, torch.eye(m, dtype=torch.float64))

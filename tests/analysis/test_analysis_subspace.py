@@ -53,9 +53,7 @@ def test_sharing_the_top_m_directions_gives_min_ijm_over_min_ij(
     grid = subspace_similarity_grid(a1, a2)
     i = torch.arange(1, rank_1 + 1, dtype=torch.float64)[:, None]
     j = torch.arange(1, rank_2 + 1, dtype=torch.float64)[None, :]
-    expected = torch.minimum(torch.minimum(i, j), torch.tensor(float(shared))) / torch.minimum(
-        i, j
-    )
+    expected = torch.minimum(torch.minimum(i, j), torch.tensor(float(shared))) / torch.minimum(i, j)
     torch.testing.assert_close(grid, expected)
     r = min(rank_1, rank_2)
     assert subspace_similarity(a1, a2, r, r) == pytest.approx(shared / r)
@@ -88,9 +86,7 @@ def test_grid_bounds_are_checked() -> None:
     assert subspace_similarity_grid(torch.randn(6, 4), torch.randn(6, 4)).shape == (4, 4)
 
 
-random_pair = st.tuples(
-    st.integers(1, 8), st.integers(1, 8), st.integers(0, 2**31 - 1)
-)
+random_pair = st.tuples(st.integers(1, 8), st.integers(1, 8), st.integers(0, 2**31 - 1))
 
 
 def random_a(rank: int, generator: torch.Generator) -> torch.Tensor:
