@@ -102,12 +102,19 @@ def metric_axis(ax: Axes, df: pd.DataFrame) -> tuple[str, str]:
     return metric, label
 
 
-def figure_legend(fig: Figure, axes: Sequence[Axes], title: str | None = None) -> None:
+def figure_legend(fig: Figure, axes: Sequence[Axes], note: str | None = None) -> None:
     """Replace per-axes legends by one legend below the plot area, so it never covers data.
 
     Below rather than beside: constrained layout keeps a bottom legend clear of the suptitle,
     and a row of entries reads well for the few (3-10) entries these figures have. Entries are
     collected over all axes and de-duplicated by label, keeping first-seen order.
+
+    Args:
+        fig: The figure.
+        axes: Axes whose labelled artists become entries.
+        note: Optional small grey line above the entries, e.g. which runs are not shown. (A
+            free ``fig.text`` would collide with the legend once ``bbox_inches="tight"`` and
+            constrained layout disagree on the figure's extent.)
     """
     entries: dict[str, object] = {}
     for ax in axes:
@@ -117,11 +124,22 @@ def figure_legend(fig: Figure, axes: Sequence[Axes], title: str | None = None) -
         if ax.get_legend() is not None:
             ax.get_legend().remove()
     if entries:
-        fig.legend(
-            list(entries.values()),
-            list(entries.keys()),
-            loc="outside lower center",
-            ncols=min(len(entries), 4 if len(entries) > 6 else 3),
-            title=title,
-            frameon=False,
+        ncols = min(len(entries), 4 if len(entries) > 6 else 3)
+        handles, labels = (
+            _row_major(list(entries.values()), ncols),
+            _row_major(list(entries), ncols),
         )
+        legend = fig.legend(
+            handles, labels, loc="outside lower center", ncols=ncols, title=note, frameon=False
+        )
+        if note:
+            legend.get_title().set(fontsize=8, color="0.35")
+
+
+def _row_major(items: list, ncols: int) -> list:
+    """Reorder so that matplotlib's column-by-column legend fill reads left to right.
+
+    Matplotlib gives the first ``len % ncols`` columns one extra entry, which is exactly the
+    column layout of a row-major grid whose last row is partly empty.
+    """
+    return [items[i] for j in range(ncols) for i in range(j, len(items), ncols)]

@@ -166,9 +166,7 @@ def draw_curves(study_dir: str | Path, df: pd.DataFrame) -> Figure | None:
         if "pretrain" in configs:
             title += "\npretrain curves are measured on the pretraining (source) task"
         fig.suptitle(title)
-        figure_legend(fig, list(axes.flat))
-        if missing:
-            fig.supxlabel(_missing_note(missing), fontsize=8, color="0.35", ha="left", x=0.01)
+        figure_legend(fig, list(axes.flat), note=_missing_note(missing) if missing else None)
     return fig
 
 

@@ -103,7 +103,9 @@ def _headline(df: pd.DataFrame) -> list[str]:
         )
     lora = ok_runs(df, "lora").dropna(subset=[metric])
     if not lora.empty:
-        keys = lora[["rank", "alpha", "learning_rate"]].astype(str).agg("/".join, axis=1)
+        # str() of each value, NaN included, so a row with a missing alpha still has a key.
+        keys = lora["rank"].map(str) + "/" + lora["alpha"].map(str)
+        keys += "/" + lora["learning_rate"].map(str)
         means = lora.groupby(keys)[metric].mean()
         rows = lora[keys == (means.idxmax() if metric == "test_acc" else means.idxmin())]
         params = rows["trainable_params"].median()
@@ -252,6 +254,9 @@ def write_report(study_dir: str | Path) -> Path:
     headline = _headline(df)
     if headline:
         lines += ["## Headline", "", *headline, ""]
+    if df.empty:
+        lines += ["## Results", "", "_`results.csv` has no runs yet._", ""]
+        return atomic_write_text(study / REPORT_FILE, "\n".join(lines).rstrip() + "\n")
     summary = format_summary(summary_table(df))
     lines += [
         "## Results",

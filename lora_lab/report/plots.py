@@ -38,13 +38,12 @@ from lora_lab.report._style import (
     theme,
 )
 from lora_lab.report.curves import draw_curves, plot_curves
+from lora_lab.report.per_class import draw_per_class, per_class_table, plot_per_class
 from lora_lab.report.results import (
-    config_label,
     format_count,
     format_value,
     main_metric,
     ok_runs,
-    parse_per_class,
     varying_lora_dims,
 )
 
@@ -53,6 +52,7 @@ __all__ = [
     "draw_accuracy_vs_rank",
     "draw_curves",
     "draw_per_class",
+    "per_class_table",
     "plot_accuracy_vs_params",
     "plot_accuracy_vs_rank",
     "plot_curves",
@@ -91,6 +91,13 @@ def _annotate_params(ax, lora: pd.DataFrame, metric: str, hue: str | None) -> No
             va="bottom",
             fontsize=7.5,
             color="0.25",
+            # A light backdrop keeps the count readable where it crosses a baseline.
+            bbox={
+                "boxstyle": "round,pad=0.15",
+                "facecolor": "white",
+                "edgecolor": "none",
+                "alpha": 0.8,
+            },
         )
 
 
@@ -229,82 +236,4 @@ def plot_accuracy_vs_params(df: pd.DataFrame, path: str | Path) -> Path | None:
     """
     with theme():
         fig = draw_accuracy_vs_params(df)
-        return None if fig is None else save_figure(fig, path)
-
-
-def per_class_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Long table ``model, run_id, class, accuracy`` for the per-class comparison.
-
-    Models: the pretrained model ("before finetuning"), full finetuning, and the LoRA
-    configuration with the best mean test accuracy among those reporting per-class numbers.
-    """
-    records: list[dict[str, object]] = []
-
-    def add(rows: pd.DataFrame, model: str) -> None:
-        for _, row in rows.iterrows():
-            for name, accuracy in parse_per_class(row["per_class_acc"], row["run_id"]).items():
-                records.append({"model": model, "run_id": row["run_id"], "class": name,
-                                "accuracy": accuracy})  # fmt: skip
-
-    add(ok_runs(df, "pretrain"), "before finetuning")
-    add(ok_runs(df, "full_finetune"), "full finetune")
-    lora = ok_runs(df, "lora")
-    lora = lora[
-        lora["test_acc"].notna() & lora["per_class_acc"].map(lambda t: bool(parse_per_class(t)))
-    ]
-    if not lora.empty:
-        dims = varying_lora_dims(df)
-        labels = lora.apply(lambda row: config_label(row, dims), axis=1)
-        best = lora["test_acc"].groupby(labels).mean().idxmax()
-        add(lora[labels == best], f"best {best}")
-    return pd.DataFrame(records, columns=["model", "run_id", "class", "accuracy"])
-
-
-def draw_per_class(df: pd.DataFrame) -> Figure | None:
-    """Grouped bars of per-class accuracy; see :func:`plot_per_class`."""
-    table = per_class_table(df)
-    if table.empty:
-        return None
-    classes = list(dict.fromkeys(table["class"]))
-    models = list(dict.fromkeys(table["model"]))
-    colors = {"before finetuning": PRETRAIN_COLOR, "full finetune": FULL_FINETUNE_COLOR}
-    palette = {model: colors.get(model, LORA_COLOR) for model in models}
-    with theme():
-        fig, axes = new_figure(min(22.0, max(7.0, 0.75 * len(classes) + 2.5)), 4.4)
-        ax = axes[0][0]
-        sns.barplot(
-            table, x="class", y="accuracy", hue="model", order=classes, hue_order=models,
-            palette=palette, errorbar="sd", err_kws={"linewidth": 1.0}, capsize=0.15, ax=ax,
-        )  # fmt: skip
-        ax.set_ylim(0, 1.05)
-        ax.set_xlabel("class")
-        ax.set_ylabel("test accuracy on the class (finetune task)")
-        if len(classes) > 8 or max(len(c) for c in classes) > 8:
-            ax.tick_params(axis="x", labelrotation=35)
-            for tick in ax.get_xticklabels():
-                tick.set_horizontalalignment("right")
-        spread = (
-            " (mean ± sd over seeds)"
-            if table.groupby("model")["run_id"].nunique().max() > 1
-            else ""
-        )
-        fig.suptitle(f"Per-class test accuracy, before and after finetuning{spread}")
-        figure_legend(fig, [ax])
-    return fig
-
-
-def plot_per_class(df: pd.DataFrame, path: str | Path) -> Path | None:
-    """Per-class accuracy before finetuning, after full finetuning and after the best LoRA.
-
-    Bars are means over seeds (±1 sd when there are several).
-
-    Args:
-        df: The results table (failed rows are ignored).
-        path: PNG to write.
-
-    Returns:
-        ``path``, or ``None`` when no finished run has a non-empty ``per_class_acc``.
-    """
-    with theme():
-        fig = draw_per_class(df)
         return None if fig is None else save_figure(fig, path)

@@ -14,8 +14,13 @@ from lora_lab.report.curves import collect_curves
 
 
 def _legend_labels(fig) -> list[str]:
+    """The figure legend's labels in reading order (rows top to bottom, left to right)."""
     assert len(fig.legends) == 1, "expected one figure-level legend"
-    return [text.get_text() for text in fig.legends[0].get_texts()]
+    fig.draw_without_rendering()
+    texts = fig.legends[0].get_texts()
+    boxes = [text.get_window_extent() for text in texts]
+    order = sorted(range(len(texts)), key=lambda i: (-round(boxes[i].y0), boxes[i].x0))
+    return [texts[i].get_text() for i in order]
 
 
 def _lora_lines(ax) -> dict[str, object]:
@@ -136,7 +141,7 @@ def test_curves_read_sparse_logs_and_note_missing_files(
     assert [ax.get_title() for ax in fig.axes] == [
         "train loss", "train accuracy", "validation loss", "validation accuracy",
     ]  # fmt: skip
-    assert "lora_r2_s1" in fig.get_supxlabel()
+    assert "lora_r2_s1" in fig.legends[0].get_title().get_text()
     assert _legend_labels(fig)[:3] == ["pretrain", "full finetune", "LoRA r=1"]
 
 
