@@ -42,7 +42,7 @@ test-full:  ## every test, slow ones included
 	$(PY) -m pytest -q
 
 bench:  ## benchmarks: print ratios measured side by side
-	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	@for b in bench/[!_]*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 lint:  ## ruff
 	$(VENV)/bin/ruff check .

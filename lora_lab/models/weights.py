@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -56,7 +56,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             return load_file(path)
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorsError, RuntimeError, OSError, EOFError, ValueError) as error:
+    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as error:
         first_line = (
             str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         )

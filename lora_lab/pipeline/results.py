@@ -43,6 +43,7 @@ COLUMNS = [
     "status",
     "error",
 ]
+INTEGER_COLUMNS = ["rank", "seed", "trainable_params", "total_params", "epochs"]
 #: Keys of `result.json` that are records, not table columns.
 RECORD_ONLY = {"config", "environment", "data_fingerprint", "identity", "command"}
 
@@ -128,6 +129,9 @@ def results_frame(results: list[Mapping[str, Any]]) -> pd.DataFrame:
             frame[column] = None
     extra = [c for c in frame.columns if c not in COLUMNS]
     frame = frame[COLUMNS + extra]
+    # Integers stay integers next to empty cells (pretrain rows have no rank).
+    for column in INTEGER_COLUMNS:
+        frame[column] = pd.to_numeric(frame[column]).astype("Int64")
     order = {"pretrain": 0, "full_finetune": 1, "lora": 2}
     if len(frame):
         frame = frame.sort_values(

@@ -33,6 +33,7 @@ for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accele
     logging.getLogger(_name).setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
 
 
 @dataclass
@@ -116,13 +117,14 @@ def build_module(
     if stage == "lora":
         lora_class = lora_variant(get_class(run_cfg.module._target_))
         lora_config = LoRAConfig(**OmegaConf.to_container(run_cfg.lora, resolve=True))
-        return instantiate(
+        # Built objects go to the partial, not through instantiate's kwargs (which would turn
+        # the LoRAConfig dataclass into a config node).
+        factory = instantiate(
             run_cfg.module,
             _target_=f"{lora_class.__module__}.{lora_class.__qualname__}",
-            network=network,
-            lora=lora_config,
-            pretrained=str(pretrained),
+            _partial_=True,
         )
+        return factory(network=network, lora=lora_config, pretrained=str(pretrained))
     if stage == "full_finetune":
         from lora_lab.models import load_network_weights
 

@@ -1,0 +1,41 @@
+"""Fixtures for pipeline tests: tiny Fashion-MNIST-format files and overrides for a quick study."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lora_lab.data import DATA_ENV, clear_memory_cache
+from lora_lab.data.fakes import write_fake_mnist
+
+
+def tiny_study_overrides(folder: Path) -> list[str]:
+    """Write 600/100 random images in the real gzip IDX format under `folder`, and return
+    Hydra overrides for a study on them that runs in seconds."""
+    clear_memory_cache()
+    data = write_fake_mnist(folder / "fashion", n_train=600, n_test=100)
+    return [
+        f"data.root={data}",
+        f"data.cache_dir={folder / 'cache'}",
+        "data.val_size=100",
+        "data.batch_size=128",
+        "trainer.enable_progress_bar=false",
+        "trainer.log_every_n_steps=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "stages.pretrain.max_epochs=1",
+        "stages.full_finetune.max_epochs=1",
+        "stages.lora.max_epochs=1",
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _no_data_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(DATA_ENV, raising=False)
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path: Path) -> list[str]:
+    """Overrides for a seconds-long study on tiny files in this test's tmp_path."""
+    return tiny_study_overrides(tmp_path)
