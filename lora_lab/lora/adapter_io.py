@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -74,12 +75,7 @@ def _peft_targets(model: nn.Module, targets: tuple[str, ...]) -> str | list[str]
     names = [n for n, _ in base_named_modules(model) if n]
     if [n for n in names if name_matches(n, targets)] == list(targets):
         return list(targets)
-    return "|".join(_escape(t) for t in targets)
-
-
-def _escape(name: str) -> str:
-    # re.escape also escapes "_" and "-" on old Pythons; only "." matters in module names.
-    return name.replace(".", r"\.")
+    return "|".join(re.escape(t) for t in targets)
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:

@@ -224,3 +224,12 @@ def test_multihead_attention_out_proj_is_skipped_with_a_warning(
     with caplog.at_level(logging.WARNING, logger="lora_lab.lora"):
         assert inject_lora(model, LoRAConfig(rank=1, alpha=1)) == ["proj"]
     assert "attn.out_proj" in caplog.text
+
+
+def test_target_entries_that_match_nothing_are_logged(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="lora_lab.lora"):
+        names = inject_lora(
+            make_model("mlp"), LoRAConfig(rank=1, alpha=1, target_modules=["fc1", "fc7"])
+        )
+    assert names == ["fc1"]
+    assert "['fc7'] match no module" in caplog.text
