@@ -183,3 +183,15 @@ def test_lightning_sets_the_epoch_and_a_resumed_run_sees_the_same_order(
 def test_tiny_batches(batch_size: int) -> None:
     batches = list(make_loader(_dataset(10), batch_size, sampler=None, num_workers=0))
     assert torch.cat([y for _, y in batches]).tolist() == list(range(10))
+
+
+def test_normalize_matches_torchvision() -> None:
+    from torchvision.transforms.v2 import functional as tvf
+
+    from lora_lab.data import NormalizeImages
+
+    images = torch.randint(0, 256, (4, 3, 5, 5), dtype=torch.uint8)
+    mean, std = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
+    expected = tvf.normalize(tvf.to_dtype(images, torch.float32, scale=True), mean, std)
+    out = NormalizeImages(mean, std)(images)
+    assert out.dtype == torch.float32 and torch.allclose(out, expected, atol=1e-5)
