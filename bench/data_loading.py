@@ -27,7 +27,8 @@ from torchvision.datasets.utils import extract_archive
 # Run as a script from a checkout without `pip install -e .`: make the repo importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lora_lab.data import FashionMNISTDataModule, clear_memory_cache
-from lora_lab.data.sources import DEBIAN_FASHION_MNIST, FASHION_MNIST
+from lora_lab.data.sources import DEBIAN_FASHION_MNIST
+from lora_lab.data.specs import FASHION_MNIST
 
 BATCH_SIZE = 1024
 REPEATS = 5

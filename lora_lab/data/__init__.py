@@ -7,6 +7,7 @@ decoded once into uint8 tensors and cached on disk (see :mod:`lora_lab.data.cach
 
 from lora_lab.data.base import BatchedDataModule
 from lora_lab.data.cache import CACHE_ENV, clear_memory_cache, load_dataset, resolve_cache_dir
+from lora_lab.data.classes import resolve_classes
 from lora_lab.data.errors import DataError
 from lora_lab.data.linear_shift import LinearShiftDataModule
 from lora_lab.data.loader import (
@@ -23,7 +24,6 @@ from lora_lab.data.vision import (
     FashionMNISTDataModule,
     MNISTDataModule,
     VisionDataModule,
-    resolve_classes,
 )
 
 __all__ = [

@@ -7,11 +7,13 @@ class subset is non-empty.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
 
 from lora_lab.data.formats import write_cifar_batch, write_idx
+from lora_lab.data.specs import CIFAR10
 
 
 def _images_and_labels(
@@ -78,8 +80,6 @@ def write_fake_cifar10(
     Returns:
         The folder holding the files.
     """
-    import pickle
-
     directory = Path(root) / "cifar-10-batches-py" if torchvision_layout else Path(root)
     directory.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
@@ -89,8 +89,6 @@ def write_fake_cifar10(
     ]:
         images, labels = _images_and_labels(count, (3, 32, 32), generator)
         write_cifar_batch(directory / name, images, labels.tolist())
-    from lora_lab.data.sources import CIFAR10
-
     meta = {
         b"label_names": [name.encode() for name in CIFAR10.class_names],
         b"num_cases_per_batch": n_per_batch,

@@ -18,6 +18,20 @@ from torch import Tensor
 
 from lora_lab.data.errors import DataError
 from lora_lab.data.formats import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, read_cifar_batch, read_idx
+from lora_lab.data.specs import CIFAR10, FASHION_MNIST, MNIST, DatasetSpec
+
+__all__ = [
+    "CIFAR10",
+    "DATA_ENV",
+    "DEBIAN_FASHION_MNIST",
+    "FASHION_MNIST",
+    "MNIST",
+    "DatasetSpec",
+    "Located",
+    "decode",
+    "file_fingerprint",
+    "locate",
+]
 
 log = logging.getLogger(__name__)
 
@@ -25,104 +39,6 @@ DATA_ENV = "LORA_LAB_DATA"
 # Module-level so tests can point it at an empty folder; Debian's dataset-fashion-mnist.
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 _FINGERPRINT_BYTES = 1 << 20
-_IDX_FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
-_CIFAR_FILES = (*(f"data_batch_{k}" for k in range(1, 6)), "test_batch")
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """Fixed facts about one image dataset.
-
-    Attributes:
-        name: Registry name, e.g. ``"fashion_mnist"``.
-        torchvision_class: Name of the torchvision dataset class, used for downloads.
-        folder: torchvision's folder under a root (``"FashionMNIST"``, ``"cifar-10-batches-py"``).
-        file_format: ``"idx"`` (MNIST family) or ``"cifar"`` (python pickles).
-        input_shape: ``(C, H, W)`` of one image.
-        class_names: The 10 class names, indexed by label.
-        mean: Per-channel mean of the training pixels in [0, 1].
-        std: Per-channel standard deviation of the training pixels in [0, 1].
-        val_size: Default size of the validation split carved from the official train set.
-    """
-
-    name: str
-    torchvision_class: str
-    folder: str
-    file_format: str
-    input_shape: tuple[int, int, int]
-    class_names: tuple[str, ...]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    val_size: int = 5000
-
-    def candidate_dirs(self, base: Path) -> list[Path]:
-        """Folders under ``base`` where this dataset's files may sit, most specific first."""
-        if self.file_format == "idx":
-            return [base, base / self.folder / "raw"]
-        return [base / self.folder, base]
-
-    def debian_dir(self) -> Path | None:
-        """The Debian package folder, if Debian ships this dataset."""
-        return DEBIAN_FASHION_MNIST if self.name == "fashion_mnist" else None
-
-
-FASHION_MNIST = DatasetSpec(
-    name="fashion_mnist",
-    torchvision_class="FashionMNIST",
-    folder="FashionMNIST",
-    file_format="idx",
-    input_shape=(1, 28, 28),
-    class_names=(
-        "T-shirt/top",
-        "Trouser",
-        "Pullover",
-        "Dress",
-        "Coat",
-        "Sandal",
-        "Shirt",
-        "Sneaker",
-        "Bag",
-        "Ankle boot",
-    ),
-    mean=(0.2860,),
-    std=(0.3530,),
-)
-MNIST = DatasetSpec(
-    name="mnist",
-    torchvision_class="MNIST",
-    folder="MNIST",
-    file_format="idx",
-    input_shape=(1, 28, 28),
-    class_names=("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"),
-    mean=(0.1307,),
-    std=(0.3081,),
-)
-CIFAR10 = DatasetSpec(
-    name="cifar10",
-    torchvision_class="CIFAR10",
-    folder="cifar-10-batches-py",
-    file_format="cifar",
-    input_shape=(3, 32, 32),
-    class_names=(
-        "airplane",
-        "automobile",
-        "bird",
-        "cat",
-        "deer",
-        "dog",
-        "frog",
-        "horse",
-        "ship",
-        "truck",
-    ),
-    mean=(0.4914, 0.4822, 0.4465),
-    std=(0.2470, 0.2435, 0.2616),
-)
 
 
 @dataclass(frozen=True)
@@ -141,11 +57,16 @@ class Located:
     files: tuple[Path, ...]
 
 
+def _debian_dir(spec: DatasetSpec) -> Path | None:
+    """The Debian package folder, if Debian ships this dataset (only Fashion-MNIST)."""
+    return DEBIAN_FASHION_MNIST if spec.name == "fashion_mnist" else None
+
+
 def _complete_files(spec: DatasetSpec, directory: Path) -> tuple[tuple[Path, ...] | None, str]:
     """Return the dataset's files in ``directory`` or ``None`` plus why they are not there."""
     if not directory.is_dir():
         return None, "no such folder"
-    names = _IDX_FILES if spec.file_format == "idx" else _CIFAR_FILES
+    names = spec.file_names
     found: list[Path] = []
     missing: list[str] = []
     for name in names:
@@ -170,7 +91,7 @@ def _places(
 ) -> list[tuple[str, str, Path | None]]:
     """The sources in search order as ``(kind, label, base folder or None if unset)``."""
     env = os.environ.get(DATA_ENV)
-    debian = spec.debian_dir()
+    debian = _debian_dir(spec)
     places: list[tuple[str, str, Path | None]] = [
         ("root", "data.root", Path(root).expanduser() if root is not None else None),
         ("env", DATA_ENV, Path(env).expanduser() if env else None),
@@ -227,7 +148,7 @@ def locate(spec: DatasetSpec, root: str | Path | None, cache_dir: Path, download
             f"{spec.name}: torchvision download into {download_dir} left no usable files"
         )
     hint = "set data.root=DIR or LORA_LAB_DATA=DIR (the files, or torchvision's layout under it)"
-    if spec.debian_dir() is not None:
+    if _debian_dir(spec) is not None:
         hint += ", apt-get install dataset-fashion-mnist"
     raise DataError(
         f"{spec.name}: data files not found; looked in: {'; '.join(looked)}. "
