@@ -10,7 +10,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
 
 from lora_lab.report.results import format_count, main_metric, ok_runs
 
@@ -63,10 +63,18 @@ def set_rank_axis(ax: Axes, ranks: Sequence[float]) -> None:
     ax.set_xlim(ranks[0] / 1.5, ranks[-1] * 1.5)
 
 
-def set_count_axis(ax: Axes) -> None:
-    """A log10 x axis whose ticks read as parameter counts: 1k, 10k, 1M."""
+def set_count_axis(ax: Axes, counts: Sequence[float]) -> None:
+    """A log10 x axis whose ticks read as parameter counts: 1k, 10k, 1M.
+
+    Over two decades or less, ticks also sit at 2× and 5× so that the axis has more than
+    two labels.
+    """
     ax.set_xscale("log")
+    low, high = min(counts), max(counts)
+    subs = (1.0, 2.0, 5.0) if high / low <= 100 else (1.0,)
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _pos: format_count(value)))
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def format_metric(metric: str, value: float) -> str:

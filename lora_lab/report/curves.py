@@ -27,7 +27,7 @@ from lora_lab.report._style import (
     sequential_colors,
     theme,
 )
-from lora_lab.report.results import config_label, ok_runs, varying_lora_dims
+from lora_lab.report.results import config_label, normalize_results, ok_runs, varying_lora_dims
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ def collect_curves(study_dir: str | Path, df: pd.DataFrame) -> tuple[pd.DataFram
         "train"/"validation", ``quantity`` "loss"/"accuracy"); ``missing`` lists the run ids
         whose ``metrics.csv`` is absent or unreadable.
     """
+    df = normalize_results(df)
     dims = varying_lora_dims(df)
     frames: list[pd.DataFrame] = []
     missing: list[str] = []
@@ -120,6 +121,7 @@ def _missing_note(missing: list[str], shown: int = 6) -> str:
 
 def draw_curves(study_dir: str | Path, df: pd.DataFrame) -> Figure | None:
     """Grid of curves: columns loss/accuracy, rows train/validation; see :func:`plot_curves`."""
+    df = normalize_results(df)
     curves, missing = collect_curves(study_dir, df)
     if curves.empty:
         return None

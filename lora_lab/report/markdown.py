@@ -68,12 +68,18 @@ def _read_study_json(study: Path) -> tuple[dict, list[str]]:
 
 def _environment_rows(environment: dict) -> pd.DataFrame:
     """Flatten the environment record: ``packages`` become one row per package."""
+
+    def text(value: object) -> str:
+        if value is None:
+            return "n/a"  # e.g. a package that is not installed, or no git checkout
+        return value if isinstance(value, str) else json.dumps(value)
+
     rows: list[tuple[str, str]] = []
     for key, value in environment.items():
         if isinstance(value, dict):
-            rows += [(f"{key}: {name}", str(version)) for name, version in value.items()]
+            rows += [(f"{key}: {name}", text(version)) for name, version in value.items()]
         else:
-            rows.append((str(key), value if isinstance(value, str) else json.dumps(value)))
+            rows.append((str(key), text(value)))
     return pd.DataFrame(rows, columns=["item", "value"])
 
 

@@ -25,7 +25,13 @@ from lora_lab.report._style import (
     new_figure,
     theme,
 )
-from lora_lab.report.results import config_label, ok_runs, parse_per_class, varying_lora_dims
+from lora_lab.report.results import (
+    config_label,
+    normalize_results,
+    ok_runs,
+    parse_per_class,
+    varying_lora_dims,
+)
 
 
 def per_class_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -34,6 +40,7 @@ def per_class_table(df: pd.DataFrame) -> pd.DataFrame:
     Models: the pretrained model ("before finetuning"), full finetuning, and the LoRA
     configuration with the best mean test accuracy among those reporting per-class numbers.
     """
+    df = normalize_results(df)
     runs = ok_runs(df)
     parsed = pd.Series(
         [parse_per_class(t, r) for t, r in zip(runs["per_class_acc"], runs["run_id"], strict=True)],

@@ -40,9 +40,11 @@ from lora_lab.report._style import (
 from lora_lab.report.curves import draw_curves, plot_curves
 from lora_lab.report.per_class import draw_per_class, per_class_table, plot_per_class
 from lora_lab.report.results import (
+    fixed_lora_settings,
     format_count,
     format_value,
     main_metric,
+    normalize_results,
     ok_runs,
     varying_lora_dims,
 )
@@ -65,13 +67,14 @@ def rank_plot_dimensions(df: pd.DataFrame) -> tuple[str | None, str | None]:
     """How the rank plot shows the LoRA hyper-parameters that vary besides rank and seed.
 
     Returns:
-        ``(hue, facet)``: ``alpha`` or ``learning_rate`` as hue when one of them varies; when
-        both vary, hue is ``alpha`` (it interacts with rank through the α/r scaling) and the
+        ``(hue, facet)``: the varying one of ``alpha`` (or ``alpha_per_rank``, see
+        :func:`~lora_lab.report.results.varying_lora_dims`) and ``learning_rate`` as hue; when
+        both vary, alpha is the hue (it interacts with rank through the α/r scaling) and the
         figure has one panel per ``learning_rate``.
     """
-    dims = varying_lora_dims(df)
+    dims = varying_lora_dims(normalize_results(df))
     if len(dims) == 2:
-        return "alpha", "learning_rate"
+        return dims[0], "learning_rate"
     return (dims[0] if dims else None), None
 
 
@@ -103,6 +106,7 @@ def _annotate_params(ax, lora: pd.DataFrame, metric: str, hue: str | None) -> No
 
 def draw_accuracy_vs_rank(df: pd.DataFrame) -> Figure | None:
     """LoRA test accuracy (or test loss for regression) against rank; see ``plot_accuracy_vs_rank``."""
+    df = normalize_results(df)
     metric, _ = main_metric(df)
     lora = ok_runs(df, "lora").dropna(subset=["rank", metric])
     lora = lora[lora["rank"] > 0]  # a log2 axis cannot show rank 0
@@ -143,7 +147,8 @@ def draw_accuracy_vs_rank(df: pd.DataFrame) -> Figure | None:
         axes[0][0].set_ylabel(label)
         what = "test accuracy" if metric == "test_acc" else "test loss"
         seeds = f" (mean ± sd over {n_seeds} seeds)" if n_seeds > 1 else ""
-        fig.suptitle(f"LoRA {what} vs rank{seeds}")
+        fixed = ", ".join(fixed_lora_settings(df))
+        fig.suptitle(f"LoRA {what} vs rank{seeds}" + (f"\n{fixed}" if fixed else ""))
         figure_legend(fig, list(axes[0]))
     return fig
 
@@ -170,6 +175,7 @@ def plot_accuracy_vs_rank(df: pd.DataFrame, path: str | Path) -> Path | None:
 
 def draw_accuracy_vs_params(df: pd.DataFrame) -> Figure | None:
     """Accuracy against trainable parameters; see :func:`plot_accuracy_vs_params`."""
+    df = normalize_results(df)
     metric, _ = main_metric(df)
     lora = ok_runs(df, "lora").dropna(subset=["rank", metric, "trainable_params"])
     full = ok_runs(df, "full_finetune").dropna(subset=[metric, "trainable_params"])
@@ -212,7 +218,7 @@ def draw_accuracy_vs_params(df: pd.DataFrame) -> Figure | None:
                 label=f"before finetuning ({format_metric(metric, value)})",
             )  # fmt: skip
         metric_axis(ax, df)
-        set_count_axis(ax)
+        set_count_axis(ax, [*lora["trainable_params"], *full["trainable_params"]])
         ax.margins(x=0.08, y=0.12)
         ax.set_xlabel("trainable parameters (log scale)")
         what = "Test accuracy" if metric == "test_acc" else "Test loss"

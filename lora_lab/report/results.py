@@ -49,6 +49,8 @@ NUMERIC_COLUMNS: tuple[str, ...] = (
     "epochs",
 )
 TEXT_COLUMNS: tuple[str, ...] = tuple(c for c in REQUIRED_COLUMNS if c not in NUMERIC_COLUMNS)
+#: Added by :func:`normalize_results`; not part of the file, never shown as an extra column.
+DERIVED_COLUMNS: tuple[str, ...] = ("alpha_per_rank",)
 STAGE_ORDER: tuple[str, ...] = ("pretrain", "full_finetune", "lora")
 
 
@@ -68,7 +70,9 @@ def check_columns(df: pd.DataFrame, source: str | Path) -> None:
 
 
 def normalize_results(df: pd.DataFrame, source: str | Path = "results table") -> pd.DataFrame:
-    """Return a copy with the contract's dtypes: numbers as floats, text as ``str`` ("" if empty).
+    """Return a copy with the contract's dtypes (numbers float, text ``str``, "" if empty).
+
+    Also adds ``alpha_per_rank`` (see ``DERIVED_COLUMNS``). Idempotent.
 
     Numbers stay float (not nullable Int64) because ``rank`` and ``alpha`` are empty for
     non-LoRA rows and seaborn/matplotlib handle NaN floats everywhere.
@@ -90,6 +94,9 @@ def normalize_results(df: pd.DataFrame, source: str | Path = "results table") ->
     for column in TEXT_COLUMNS:
         out[column] = out[column].fillna("").astype(str).str.strip()
     out["status"] = out["status"].str.lower()
+    # α/r is the LoRA scaling; sweeps often tie α to r (α = r, α = 2r), which is one setting.
+    # Rounded so that float noise does not split one ratio into several.
+    out["alpha_per_rank"] = (out["alpha"] / out["rank"].where(out["rank"] > 0)).round(9)
     return out
 
 
@@ -135,6 +142,7 @@ def extra_numeric_columns(df: pd.DataFrame) -> list[str]:
         c
         for c in df.columns
         if c not in REQUIRED_COLUMNS
+        and c not in DERIVED_COLUMNS
         and pd.api.types.is_numeric_dtype(df[c])
         and not pd.api.types.is_bool_dtype(df[c])
     ]
@@ -151,15 +159,62 @@ def main_metric(df: pd.DataFrame) -> tuple[str, str]:
     return "test_loss", "test loss (log scale; regression study: no accuracy)"
 
 
+def _varies_within_a_rank(lora: pd.DataFrame, column: str) -> bool:
+    """Several values of ``column`` at one rank: a dimension of its own, not a function of r."""
+    return bool(len(lora)) and lora.groupby("rank")[column].nunique().max() > 1
+
+
 def varying_lora_dims(df: pd.DataFrame) -> list[str]:
-    """Which of ``alpha`` / ``learning_rate`` take several values among the finished LoRA runs."""
-    lora = ok_runs(df, "lora")
-    return [c for c in ("alpha", "learning_rate") if lora[c].dropna().nunique() > 1]
+    """LoRA hyper-parameters besides rank and seed that the finished runs vary.
+
+    A value tied to the rank (``α = r`` for every run) does not count: it is one setting.
+    An alpha sweep is reported as ``alpha_per_rank`` when that takes fewer distinct values
+    than ``alpha`` (``α ∈ {r, 2r}`` reads as two settings, not as one per rank).
+
+    Args:
+        df: A normalized results table.
+
+    Returns:
+        A sub-list of ``["alpha" | "alpha_per_rank", "learning_rate"]``.
+    """
+    lora = ok_runs(df, "lora").dropna(subset=["rank"])
+    dims = []
+    if _varies_within_a_rank(lora, "alpha"):
+        by_ratio = lora["alpha_per_rank"].nunique() < lora["alpha"].nunique()
+        dims.append("alpha_per_rank" if by_ratio else "alpha")
+    if _varies_within_a_rank(lora, "learning_rate"):
+        dims.append("learning_rate")
+    return dims
+
+
+def fixed_lora_settings(df: pd.DataFrame) -> list[str]:
+    """The LoRA hyper-parameters that every finished LoRA run shares, e.g. ``["α=r", "lr=0.001"]``.
+
+    Args:
+        df: A normalized results table.
+    """
+    lora = ok_runs(df, "lora").dropna(subset=["rank"])
+    settings = []
+    if lora["alpha"].nunique() == 1:
+        settings.append(format_value("alpha", lora["alpha"].iloc[0]))
+    elif lora["alpha_per_rank"].nunique() == 1:
+        ratio = lora["alpha_per_rank"].iloc[0]
+        settings.append("α=r" if ratio == 1 else f"α={ratio:g}r")
+    if lora["learning_rate"].nunique() == 1:
+        settings.append(format_value("learning_rate", lora["learning_rate"].iloc[0]))
+    return settings
 
 
 def format_value(column: str, value: float) -> str:
     """Short text for a hyper-parameter value, e.g. ``α=16`` or ``lr=0.001``."""
-    prefix = {"alpha": "α", "learning_rate": "lr", "rank": "r", "seed": "s"}.get(column, column)
+    prefixes = {
+        "alpha": "α",
+        "alpha_per_rank": "α/r",
+        "learning_rate": "lr",
+        "rank": "r",
+        "seed": "s",
+    }
+    prefix = prefixes.get(column, column)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return f"{prefix}=?"
     return f"{prefix}={value:g}"

@@ -91,10 +91,16 @@ def _metric_format(metric: str) -> str:
 
 
 def _mean_std(mean: object, std: object, spec: str) -> str:
-    """``0.9120 ± 0.0040``, or just the mean when there is no spread to show."""
+    """``0.9120 ± 0.0040``, or just the mean when there is no spread to show.
+
+    Accuracies share fixed decimals so means and spreads line up; other metrics (losses,
+    errors) span decades, so their spread gets two significant digits of its own.
+    """
     if _is_missing(mean):
         return ""
-    return format(mean, spec) + ("" if _is_missing(std) else " ± " + format(std, spec))
+    if _is_missing(std):
+        return format(mean, spec)
+    return f"{mean:{spec}} ± {std:{spec if spec.endswith('f') else '.2g'}}"
 
 
 def _drop_empty(frame: pd.DataFrame, keep: tuple[str, ...]) -> pd.DataFrame:

@@ -69,6 +69,25 @@ def test_rank_plot_uses_alpha_as_hue_when_it_varies(results: pd.DataFrame) -> No
     assert len(fig.axes[0].texts) == 5
 
 
+def test_alpha_tied_to_rank_is_one_setting_not_a_hue(results: pd.DataFrame) -> None:
+    df = results.copy()
+    lora = df["stage"] == "lora"
+    df.loc[lora, "alpha"] = df.loc[lora, "rank"]  # α = r, as the default sweep does
+    assert plots.rank_plot_dimensions(df) == (None, None)
+    fig = plots.draw_accuracy_vs_rank(df)
+    assert set(_lora_lines(fig.axes[0])) == {"LoRA (mean ± sd)"}
+    assert fig.get_suptitle().endswith("\nα=r, lr=0.001")
+
+
+def test_alpha_sweep_tied_to_rank_is_shown_as_the_ratio(results: pd.DataFrame) -> None:
+    df = vary_lora(results, "alpha", (1.0, 2.0))
+    lora = df["stage"] == "lora"
+    df.loc[lora, "alpha"] *= df.loc[lora, "rank"]  # α ∈ {r, 2r}
+    assert plots.rank_plot_dimensions(df) == ("alpha_per_rank", None)
+    fig = plots.draw_accuracy_vs_rank(df)
+    assert set(_lora_lines(fig.axes[0])) == {"LoRA α/r=1", "LoRA α/r=2"}
+
+
 def test_rank_plot_facets_by_learning_rate_when_alpha_also_varies(results: pd.DataFrame) -> None:
     df = vary_lora(vary_lora(results, "alpha", (8.0, 16.0)), "learning_rate", (1e-3, 1e-2))
     assert plots.rank_plot_dimensions(df) == ("alpha", "learning_rate")
