@@ -7,11 +7,12 @@
    parameter MLP 784→10000→10000→10 with Adam. Target <= 0.28 and lora_lab <= PEFT.
 
 Timings interleave the two contenders (alternating ABBA order, after a warm-up) and compare
-medians, because the 2-core machine is shared and noisy. Each memory case runs in its own
-subprocess (`--case NAME`) and reports peak RSS (getrusage ru_maxrss) minus the RSS right after
-its imports. The script reports PASS/FAIL per line and exits 0 unless a case crashes.
+medians, because the 2-core machine is shared and noisy; the median of back-to-back pair
+ratios is printed beside each figure as a check. Each memory case runs in its own subprocess (`--case NAME`) and
+reports peak RSS (getrusage ru_maxrss) minus the RSS right after its imports and a one-step
+warm-up on a tiny model. The script prints PASS/FAIL per line and exits 0 unless a case crashes.
 
-Usage: python bench/lora_layers.py [--repeats N]
+Usage: python bench/lora_layers.py [--repeats N] [--threads N]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import copy
 import gc
 import itertools
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -90,10 +92,16 @@ def train_step(
     return step
 
 
-def interleaved_medians(
+def interleaved(
     first: Callable[[], object], second: Callable[[], object], repeats: int, warmup: int = 5
-) -> tuple[float, float]:
-    """Median seconds of each callable, timed alternately (ABBA...) after a warm-up."""
+) -> tuple[float, float, float]:
+    """Time two callables alternately (ABBA...) after a warm-up.
+
+    Returns:
+        (median seconds of `first`, median seconds of `second`, median of the per-pair ratios
+        first/second). The ratio of the medians is the reported figure; the pair-ratio median
+        (runs made back to back) is printed beside it as a check against swings in load.
+    """
     for _ in range(warmup):
         first()
         second()
@@ -109,7 +117,8 @@ def interleaved_medians(
                 times[which].append(time.perf_counter() - start)
     finally:
         gc.enable()
-    return statistics.median(times[0]), statistics.median(times[1])
+    ratios = [a / b for a, b in zip(*times, strict=True)]
+    return statistics.median(times[0]), statistics.median(times[1]), statistics.median(ratios)
 
 
 def verdict(label: str, value: float, target: float, detail: str) -> str:
@@ -121,8 +130,11 @@ def bench_step_time(repeats: int) -> str:
     base = mlp(SPEED_DIMS)
     ours = train_step(*with_lora_lab(copy.deepcopy(base)), batch=256, in_features=SPEED_DIMS[0])
     theirs = train_step(*with_peft(copy.deepcopy(base)), batch=256, in_features=SPEED_DIMS[0])
-    ours_s, theirs_s = interleaved_medians(ours, theirs, repeats)
-    detail = f"lora_lab {ours_s * 1e3:.2f} ms, PEFT {theirs_s * 1e3:.2f} ms, median of {repeats}"
+    ours_s, theirs_s, pair_ratio = interleaved(ours, theirs, repeats)
+    detail = (
+        f"medians of {repeats}: lora_lab {ours_s * 1e3:.2f} ms, PEFT {theirs_s * 1e3:.2f} ms; "
+        f"median pair ratio {pair_ratio:.3f}"
+    )
     return verdict("train step time, lora_lab / PEFT", ours_s / theirs_s, 1.00, detail)
 
 
@@ -132,7 +144,8 @@ def bench_merged_forward(repeats: int) -> str:
     with torch.no_grad():  # a trained adapter: merging must really change the weights
         for param in params:
             param.normal_(0, 0.02)
-    merged = unload_lora(adapted)
+    merged = unload_lora(adapted).eval()
+    base.eval().requires_grad_(False)  # both as served: eval mode, frozen (merged is frozen)
     inputs = torch.randn(256, SPEED_DIMS[0], generator=torch.Generator().manual_seed(1))
 
     def forward(model: nn.Module) -> Callable[[], object]:
@@ -142,8 +155,11 @@ def bench_merged_forward(repeats: int) -> str:
 
         return run
 
-    merged_s, base_s = interleaved_medians(forward(merged), forward(base), repeats * 2)
-    detail = f"merged {merged_s * 1e3:.2f} ms, base {base_s * 1e3:.2f} ms, median of {repeats * 2}"
+    merged_s, base_s, pair_ratio = interleaved(forward(merged), forward(base), repeats * 3)
+    detail = (
+        f"medians of {repeats * 3}: merged {merged_s * 1e3:.2f} ms, base {base_s * 1e3:.2f} ms; "
+        f"median pair ratio {pair_ratio:.3f}"
+    )
     return verdict("merged forward / base forward", merged_s / base_s, 1.02, detail)
 
 
@@ -204,12 +220,21 @@ def bench_memory() -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=40, help="timed steps per contender")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--case", choices=MEMORY_CASES, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.case:
         run_memory_case(args.case)
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, r={RANK}")
+    load = os.getloadavg()[0]
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, r={RANK}, "
+        f"load average {load:.1f} on {os.cpu_count()} CPUs"
+    )
+    if load > 0.5 * (os.cpu_count() or 1):
+        print("note: other processes are using the CPU; timing ratios are noisy, rerun when idle")
     started = time.perf_counter()
     print(bench_step_time(args.repeats), flush=True)
     print(bench_merged_forward(args.repeats), flush=True)
