@@ -12,8 +12,9 @@ Typical use::
 
 from lora_lab.lora.adapter_io import load_adapter, save_adapter
 from lora_lab.lora.config import LoRAConfig
+from lora_lab.lora.embedding import LoRAEmbedding
 from lora_lab.lora.inject import inject_lora, lora_config, lora_layers, lora_parameters
-from lora_lab.lora.layers import LoRAConv2d, LoRAEmbedding, LoRALayer, LoRALinear
+from lora_lab.lora.layers import LoRAConv2d, LoRALayer, LoRALinear
 from lora_lab.lora.merge import is_merged, lora_delta_weight, merge_lora, unload_lora, unmerge_lora
 from lora_lab.lora.params import count_parameters, parameter_summary
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from lora_lab.lora.config import LoRAConfig
-from lora_lab.lora.layers import LoRAConv2d, LoRAEmbedding, LoRALayer, LoRALinear
+from lora_lab.lora.embedding import LoRAEmbedding
+from lora_lab.lora.layers import LoRAConv2d, LoRALayer, LoRALinear
 from lora_lab.lora.targets import ResolvedTargets, resolve_targets
 
 logger = logging.getLogger("lora_lab.lora")
