@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
@@ -134,7 +134,7 @@ def _read_config(path: Path) -> LoRAConfig:
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
-        return load_safetensors_bytes(path.read_bytes())
+        return load_file(path)
     except Exception as err:  # safetensors raises its own error types; any failure = bad file
         raise ValueError(f"cannot read adapter weights {path}: {err}") from None
 
@@ -234,5 +234,6 @@ def _warn_leftovers(
     left = sorted(set(old_saved) - set(new_saved))
     if left:
         logger.warning("hot swap: %s keep the previous adapter's trained weights", left)
-    if old.bias != "none" and new.bias != old.bias:
+    coverage = {"none": 0, "lora_only": 1, "all": 2}
+    if coverage[new.bias] < coverage[old.bias]:
         logger.warning("hot swap: biases trained by the previous adapter (bias=%r) stay", old.bias)
