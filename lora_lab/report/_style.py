@@ -12,7 +12,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
 
-from lora_lab.report.results import format_count, main_metric, ok_runs
+from lora_lab.report.results import format_count, ok_runs
 
 # One colour per role, the same in every figure, so a reader learns them once.
 PRETRAIN_COLOR = "0.45"
@@ -101,13 +101,11 @@ def draw_baselines(ax: Axes, df: pd.DataFrame, metric: str) -> None:
         )
 
 
-def metric_axis(ax: Axes, df: pd.DataFrame) -> tuple[str, str]:
-    """Label the y axis with the study's metric (log scale for a regression loss)."""
-    metric, label = main_metric(df)
+def metric_axis(ax: Axes, metric: str, label: str) -> None:
+    """Label the y axis with the study's metric; a regression loss goes on a log scale."""
     ax.set_ylabel(label)
     if metric == "test_loss":
         ax.set_yscale("log")
-    return metric, label
 
 
 def figure_legend(fig: Figure, axes: Sequence[Axes], note: str | None = None) -> None:

@@ -27,7 +27,13 @@ from lora_lab.report._style import (
     sequential_colors,
     theme,
 )
-from lora_lab.report.results import config_label, normalize_results, ok_runs, varying_lora_dims
+from lora_lab.report.results import (
+    config_label,
+    normalize_results,
+    ok_runs,
+    sort_by_stage,
+    varying_lora_dims,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +110,7 @@ def collect_curves(study_dir: str | Path, df: pd.DataFrame) -> tuple[pd.DataFram
     return curves, missing
 
 
-def _palette(df: pd.DataFrame, configs: list[str]) -> dict[str, object]:
+def _palette(configs: list[str]) -> dict[str, object]:
     """Fixed colours for pretrain/full finetune; LoRA configurations coloured in rank order."""
     lora = [c for c in configs if c.startswith("LoRA")]
     colors: dict[str, object] = dict(zip(lora, sequential_colors(lora), strict=False))
@@ -113,7 +119,7 @@ def _palette(df: pd.DataFrame, configs: list[str]) -> dict[str, object]:
 
 
 def _missing_note(missing: list[str], shown: int = 6) -> str:
-    """ "no metrics.csv for: a, b, c and 4 more" (short enough for one figure line)."""
+    """Which runs have no log, e.g. "...: a, b, c and 4 more (skipped)." (one short line)."""
     names = ", ".join(missing[:shown])
     more = f" and {len(missing) - shown} more" if len(missing) > shown else ""
     return f"No logs/metrics.csv for run(s): {names}{more} (skipped)."
@@ -126,13 +132,10 @@ def draw_curves(study_dir: str | Path, df: pd.DataFrame) -> Figure | None:
     if curves.empty:
         return None
     # Configurations in study order (pretrain, full finetune, then LoRA by rank) for the legend.
-    order = ok_runs(df).sort_values(["stage", "rank", "alpha", "learning_rate"], kind="stable")
-    stage_rank = {"pretrain": 0, "full_finetune": 1, "lora": 2}
-    order = order.assign(_stage=order["stage"].map(stage_rank)).sort_values("_stage", kind="stable")
     dims = varying_lora_dims(df)
-    configs = [c for c in dict.fromkeys(order.apply(lambda r: config_label(r, dims), axis=1))
-               if c in set(curves["config"])]  # fmt: skip
-    palette = _palette(df, configs)
+    ordered = sort_by_stage(ok_runs(df)).apply(lambda row: config_label(row, dims), axis=1)
+    configs = [c for c in dict.fromkeys(ordered) if c in set(curves["config"])]
+    palette = _palette(configs)
     quantities = [q for q in QUANTITIES.values() if q in set(curves["quantity"])]
     splits = [s for s in SPLITS.values() if s in set(curves["split"])]
     several_seeds = curves.groupby("config")["run_id"].nunique().max() > 1
@@ -176,7 +179,7 @@ def plot_curves(study_dir: str | Path, df: pd.DataFrame, path: str | Path) -> Pa
     """Training and validation loss/accuracy per epoch for every finished run.
 
     Reads ``<study_dir>/<run_dir>/logs/metrics.csv`` of each run; runs without one are skipped
-    and named in a note under the figure. Accuracy columns are absent for regression studies.
+    and named in a note above the legend. Accuracy columns are absent for regression studies.
 
     Args:
         study_dir: The study folder.

@@ -223,6 +223,24 @@ def _config_section(study: Path) -> list[str]:
     ]
 
 
+def _results_section(df: pd.DataFrame) -> list[str]:
+    """The per-configuration summary, with every run's row folded away below it."""
+    if df.empty:
+        return ["## Results", "", "_`results.csv` has no runs yet._", ""]
+    return [
+        "## Results",
+        "",
+        "Mean ± sample standard deviation over seeds (finished runs only).",
+        "",
+        markdown_table(format_summary(summary_table(df))),
+        f"<details><summary>All runs ({len(df)})</summary>",
+        "",
+        markdown_table(format_runs(df)),
+        "</details>",
+        "",
+    ]
+
+
 def write_report(study_dir: str | Path) -> Path:
     """Draw a study's plots and write its ``report.md``, both into the study folder.
 
@@ -253,29 +271,16 @@ def write_report(study_dir: str | Path) -> Path:
         "",
         *[f"> {note}\n" for note in notes],
     ]
-    if info.get("command"):
-        lines += ["## Command", "", _fenced(str(info["command"]), "bash")]
+    command = info.get("command")
+    if command:
+        text = " ".join(map(str, command)) if isinstance(command, list) else str(command)
+        lines += ["## Command", "", _fenced(text, "bash")]
     if isinstance(info.get("environment"), dict) and info["environment"]:
         lines += ["## Environment", "", markdown_table(_environment_rows(info["environment"]))]
     headline = _headline(df)
     if headline:
         lines += ["## Headline", "", *headline, ""]
-    if df.empty:
-        lines += ["## Results", "", "_`results.csv` has no runs yet._", ""]
-        return atomic_write_text(study / REPORT_FILE, "\n".join(lines).rstrip() + "\n")
-    summary = format_summary(summary_table(df))
-    lines += [
-        "## Results",
-        "",
-        "Mean ± sample standard deviation over seeds (finished runs only).",
-        "",
-        markdown_table(summary),
-        f"<details><summary>All runs ({len(df)})</summary>",
-        "",
-        markdown_table(format_runs(df)),
-        "</details>",
-        "",
-    ]
+    lines += _results_section(df)
     if not failed.empty:
         errors = pd.DataFrame(
             {"run_id": failed["run_id"], "stage": failed["stage"],

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 import seaborn as sns
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from lora_lab.report._io import save_figure
@@ -78,7 +79,7 @@ def rank_plot_dimensions(df: pd.DataFrame) -> tuple[str | None, str | None]:
     return (dims[0] if dims else None), None
 
 
-def _annotate_params(ax, lora: pd.DataFrame, metric: str, hue: str | None) -> None:
+def _annotate_params(ax: Axes, lora: pd.DataFrame, metric: str, hue: str | None) -> None:
     """Write the trainable-parameter count just above the highest mean (+sd) at each rank."""
     keys = ["rank", hue] if hue else ["rank"]
     stats = lora.groupby(keys)[metric].agg(["mean", "std"]).fillna({"std": 0.0})
@@ -107,7 +108,7 @@ def _annotate_params(ax, lora: pd.DataFrame, metric: str, hue: str | None) -> No
 def draw_accuracy_vs_rank(df: pd.DataFrame) -> Figure | None:
     """LoRA test accuracy (or test loss for regression) against rank; see ``plot_accuracy_vs_rank``."""
     df = normalize_results(df)
-    metric, _ = main_metric(df)
+    metric, label = main_metric(df)
     lora = ok_runs(df, "lora").dropna(subset=["rank", metric])
     lora = lora[lora["rank"] > 0]  # a log2 axis cannot show rank 0
     if lora.empty:
@@ -136,7 +137,7 @@ def draw_accuracy_vs_rank(df: pd.DataFrame) -> Figure | None:
             sns.lineplot(
                 data, x="rank", y=metric, errorbar="sd", marker="o", markersize=7, ax=ax, **style
             )
-            metric, label = metric_axis(ax, df)
+            metric_axis(ax, metric, label if ax is axes[0][0] else "")
             draw_baselines(ax, df, metric)
             _annotate_params(ax, data, metric, "_hue" if hue else None)
             set_rank_axis(ax, lora["rank"].unique())
@@ -144,7 +145,6 @@ def draw_accuracy_vs_rank(df: pd.DataFrame) -> Figure | None:
             ax.set_xlabel("LoRA rank r (log₂ scale); numbers: trainable parameters")
             if facet:
                 ax.set_title(format_value(facet, panel))
-        axes[0][0].set_ylabel(label)
         what = "test accuracy" if metric == "test_acc" else "test loss"
         seeds = f" (mean ± sd over {n_seeds} seeds)" if n_seeds > 1 else ""
         fixed = ", ".join(fixed_lora_settings(df))
@@ -176,7 +176,7 @@ def plot_accuracy_vs_rank(df: pd.DataFrame, path: str | Path) -> Path | None:
 def draw_accuracy_vs_params(df: pd.DataFrame) -> Figure | None:
     """Accuracy against trainable parameters; see :func:`plot_accuracy_vs_params`."""
     df = normalize_results(df)
-    metric, _ = main_metric(df)
+    metric, label = main_metric(df)
     lora = ok_runs(df, "lora").dropna(subset=["rank", metric, "trainable_params"])
     full = ok_runs(df, "full_finetune").dropna(subset=[metric, "trainable_params"])
     if lora.empty and full.empty:
@@ -217,7 +217,7 @@ def draw_accuracy_vs_params(df: pd.DataFrame) -> Figure | None:
                 value, ls=":", lw=1.6, color=PRETRAIN_COLOR,
                 label=f"before finetuning ({format_metric(metric, value)})",
             )  # fmt: skip
-        metric_axis(ax, df)
+        metric_axis(ax, metric, label)
         set_count_axis(ax, [*lora["trainable_params"], *full["trainable_params"]])
         ax.margins(x=0.08, y=0.12)
         ax.set_xlabel("trainable parameters (log scale)")

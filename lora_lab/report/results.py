@@ -136,6 +136,15 @@ def ok_runs(df: pd.DataFrame, stage: str | None = None) -> pd.DataFrame:
     return rows
 
 
+def sort_by_stage(df: pd.DataFrame) -> pd.DataFrame:
+    """Order rows pretrain, full_finetune, lora (unknown stages last), then by rank/alpha/lr."""
+    stage_index = {stage: i for i, stage in enumerate(STAGE_ORDER)}
+    key = df["stage"].map(lambda s: stage_index.get(s, len(STAGE_ORDER)))
+    present = [c for c in ("rank", "alpha", "learning_rate", "seed") if c in df.columns]
+    ordered = df.assign(_stage=key).sort_values(["_stage", *present], kind="stable")
+    return ordered.drop(columns="_stage").reset_index(drop=True)
+
+
 def extra_numeric_columns(df: pd.DataFrame) -> list[str]:
     """Numeric columns beyond the contract (e.g. ``delta_rel_error``), in file order."""
     return [

@@ -12,10 +12,10 @@ from collections.abc import Callable
 import pandas as pd
 
 from lora_lab.report.results import (
-    STAGE_ORDER,
     extra_numeric_columns,
     normalize_results,
     ok_mask,
+    sort_by_stage,
 )
 
 GROUP_KEYS: list[str] = ["stage", "rank", "alpha", "learning_rate"]
@@ -23,15 +23,6 @@ GROUP_KEYS: list[str] = ["stage", "rank", "alpha", "learning_rate"]
 
 def _metric_columns(df: pd.DataFrame) -> list[str]:
     return ["test_acc", "test_loss", "source_test_acc", *extra_numeric_columns(df)]
-
-
-def sort_by_stage(df: pd.DataFrame) -> pd.DataFrame:
-    """Order rows pretrain, full_finetune, lora (unknown stages last), then by rank/alpha/lr."""
-    stage_index = {stage: i for i, stage in enumerate(STAGE_ORDER)}
-    key = df["stage"].map(lambda s: stage_index.get(s, len(STAGE_ORDER)))
-    present = [c for c in ("rank", "alpha", "learning_rate", "seed") if c in df.columns]
-    ordered = df.assign(_stage=key).sort_values(["_stage", *present], kind="stable")
-    return ordered.drop(columns="_stage").reset_index(drop=True)
 
 
 def summary_table(df: pd.DataFrame) -> pd.DataFrame:
