@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -286,3 +287,17 @@ def test_hot_swap_gives_the_second_adapters_outputs(
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
         n for n, p in model_y.named_parameters() if p.requires_grad
     }
+
+
+def test_hot_swap_warns_when_saved_modules_keep_old_weights(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    save_adapter(
+        _trained("mlp", LoRAConfig(rank=2, alpha=2, modules_to_save=["head"])), tmp_path / "x"
+    )
+    save_adapter(_trained("mlp", LoRAConfig(rank=2, alpha=2)), tmp_path / "y")
+    model = make_model("mlp")
+    load_adapter(model, tmp_path / "x")
+    with caplog.at_level(logging.WARNING, logger="lora_lab.lora"):
+        load_adapter(model, tmp_path / "y")
+    assert "['head'] keep the previous adapter's trained weights" in caplog.text
