@@ -159,7 +159,7 @@ def _relative_delta_error(
     layers = lora_layers(module.network)
     if layers:
         (layer,) = layers.values()
-        learned = lora_delta_weight(layer)
+        learned = lora_delta_weight(layer).detach()
     else:
         (name,) = [n for n, p in module.network.named_parameters() if p.ndim == 2]
         learned = module.network.get_parameter(name).detach() - read_weights(pretrained)[name]

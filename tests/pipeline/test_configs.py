@@ -1,0 +1,146 @@
+"""Every config group composes and instantiates; every experiment plans a valid study."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import get_class, instantiate
+from omegaconf import OmegaConf
+
+from lora_lab.cli import CONF_DIR
+from lora_lab.lora import LoRAConfig
+from lora_lab.models import lora_variant, save_network_weights
+from lora_lab.pipeline import plan, stage_config
+from lora_lab.pipeline.stages import build_module
+
+
+def choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def composed(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_groups_exist():
+    for group in ("data", "model", "module", "lora", "trainer", "logger", "experiment"):
+        assert choices(group), f"conf/{group}/ is empty"
+    assert {"fashion_mnist", "mnist", "cifar10", "linear_shift"} <= set(choices("data"))
+    assert {"cpu", "gpu", "debug"} <= set(choices("trainer"))
+    assert {"csv", "tensorboard", "mlflow"} <= set(choices("logger"))
+
+
+@pytest.mark.parametrize("data", choices("data"))
+def test_data_configs_instantiate(data: str):
+    datamodule = instantiate(composed(f"data={data}").data)
+    assert isinstance(datamodule, L.LightningDataModule)
+
+
+@pytest.mark.parametrize(
+    ("model", "data"),
+    [
+        ("mlp", "fashion_mnist"),
+        ("mlp", "cifar10"),
+        ("convnet", "cifar10"),
+        ("convnet", "mnist"),
+        ("linear", "linear_shift"),
+    ],
+)
+def test_model_configs_instantiate(model: str, data: str):
+    import torch
+
+    cfg = composed(f"model={model}", f"data={data}")
+    network = instantiate(cfg.model)
+    x = torch.zeros(2, *cfg.data.input_shape)
+    out = network(x)
+    assert out.shape[0] == 2
+
+
+@pytest.mark.parametrize("module", choices("module"))
+def test_module_configs_instantiate_with_lora_variant(module: str, tmp_path: Path):
+    data = "linear_shift" if module == "regressor" else "fashion_mnist"
+    model = "linear" if module == "regressor" else "mlp"
+    cfg = composed(f"module={module}", f"data={data}", f"model={model}")
+    base = build_module(stage_config(cfg, "pretrain"), instantiate(cfg.model), None)
+    assert type(base) is get_class(cfg.module._target_)
+    optimizer = base.configure_optimizers()
+    assert optimizer.param_groups[0]["lr"] == cfg.module.optimizer.lr
+    weights = save_network_weights(base.network, tmp_path / "pre.safetensors")
+    lora_module = build_module(stage_config(cfg, "lora"), instantiate(cfg.model), weights)
+    assert type(lora_module) is lora_variant(type(base))
+    trainable = {id(p) for p in lora_module.trainable_parameters()}
+    assert trainable and all(
+        p.requires_grad == (id(p) in trainable) for p in lora_module.parameters()
+    )
+    assert len(lora_module.configure_optimizers().param_groups[0]["params"]) == len(trainable)
+
+
+@pytest.mark.parametrize("lora", choices("lora"))
+def test_lora_configs_build_a_loraconfig(lora: str):
+    cfg = composed(f"lora={lora}")
+    config = LoRAConfig(**OmegaConf.to_container(cfg.lora, resolve=True))
+    assert config.rank >= 1
+
+
+@pytest.mark.parametrize("trainer", choices("trainer"))
+def test_trainer_configs_instantiate(trainer: str, tmp_path: Path):
+    cfg = composed(f"trainer={trainer}")
+    if cfg.trainer.accelerator == "gpu":
+        pytest.skip("no GPU here; the gpu config is composed above")
+    built = instantiate(cfg.trainer, logger=False, default_root_dir=str(tmp_path))
+    assert isinstance(built, L.Trainer)
+
+
+@pytest.mark.parametrize("logger", choices("logger"))
+def test_logger_configs_compose_and_csv_instantiates(logger: str, tmp_path: Path):
+    cfg = composed(f"logger={logger}")
+    OmegaConf.set_struct(cfg, False)
+    cfg.run_dir, cfg.run_id = str(tmp_path), "x"
+    assert "csv" in cfg.logger, "the CSV logger feeds the report's curves and must always be on"
+    csv = instantiate(cfg.logger.csv)
+    assert Path(csv.log_dir) == tmp_path / "logs"
+    for name, node in cfg.logger.items():
+        get_class(node._target_)  # importable, whether or not the optional backend is installed
+
+
+@pytest.mark.parametrize("experiment", choices("experiment"))
+def test_experiments_plan_valid_studies(experiment: str):
+    cfg = composed(f"experiment={experiment}")
+    runs = plan(cfg)
+    assert [r.stage for r in runs[:2]] == ["pretrain", "full_finetune"]
+    assert [r.rank for r in runs if r.stage == "lora"] == list(cfg.sweep.ranks) * len(
+        cfg.sweep.seeds
+    )
+    assert cfg.name == experiment
+
+
+def test_stage_overrides_win_over_trainer_keys():
+    cfg = composed(
+        "trainer.max_epochs=7", "stages.lora.max_epochs=2", "stages.full_finetune.lr=0.5"
+    )
+    assert stage_config(cfg, "pretrain").trainer.max_epochs == 5  # the experiment's stage value
+    assert stage_config(cfg, "lora").trainer.max_epochs == 2
+    assert stage_config(cfg, "full_finetune").module.optimizer.lr == 0.5
+    assert stage_config(cfg, "lora").module.optimizer.lr == cfg.module.optimizer.lr
+
+
+def test_trainer_keys_reach_every_stage_without_stage_values():
+    cfg = composed(
+        "experiment=fashion_mnist_rank_sweep",
+        "stages.pretrain.max_epochs=null",
+        "trainer.max_epochs=9",
+        "trainer.log_every_n_steps=3",
+    )
+    assert stage_config(cfg, "pretrain").trainer.max_epochs == 9
+    for stage in ("pretrain", "full_finetune", "lora"):
+        assert stage_config(cfg, stage).trainer.log_every_n_steps == 3
+
+
+def test_task_shift_sets_per_stage_classes():
+    cfg = composed("experiment=fashion_mnist_task_shift")
+    assert list(stage_config(cfg, "pretrain").data.classes) == [0, 1, 2, 3, 4]
+    assert list(stage_config(cfg, "lora").data.classes) == [5, 6, 7, 8, 9]
