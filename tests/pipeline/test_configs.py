@@ -103,7 +103,7 @@ def test_logger_configs_compose_and_csv_instantiates(logger: str, tmp_path: Path
     assert "csv" in cfg.logger, "the CSV logger feeds the report's curves and must always be on"
     csv = instantiate(cfg.logger.csv)
     assert Path(csv.log_dir) == tmp_path / "logs"
-    for name, node in cfg.logger.items():
+    for node in cfg.logger.values():
         get_class(node._target_)  # importable, whether or not the optional backend is installed
 
 
