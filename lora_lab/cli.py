@@ -53,6 +53,16 @@ def _one_line(error: BaseException) -> str:
     return text or type(error).__name__
 
 
+def _user_cause(error: BaseException) -> BaseException | None:
+    """The bad-input error (a ValueError) an exception was raised from, if any."""
+    cause = error.__cause__ or error.__context__
+    while cause is not None:
+        if isinstance(cause, ValueError):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 def _guard(func: Callable[[], int | None], debug: bool) -> int:
     """Run `func`; bad input → one line + exit 2, a crash → one line + exit 1."""
     from omegaconf.errors import OmegaConfBaseException
@@ -63,15 +73,18 @@ def _guard(func: Callable[[], int | None], debug: bool) -> int:
         return func() or 0
     except (ValueError, OmegaConfBaseException, FileNotFoundError, PermissionError) as error:
         return _fail(_one_line(error))
-    except KeyboardInterrupt:
-        return _fail("interrupted", 130)
     except Exception as error:
+        cause = _user_cause(error)
+        if cause is not None:  # e.g. Hydra's InstantiationException around a DataError
+            return _fail(_one_line(cause))
         return _fail(
             f"{type(error).__name__}: {_one_line(error)} (run with --debug for the traceback)", 1
         )
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
 
 
-def _preflight(overrides: Sequence[str]) -> None:
+def _preflight(command: str, overrides: Sequence[str]) -> None:
     """Compose the config once before Hydra runs, to turn config mistakes into one line."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
@@ -86,13 +99,16 @@ def _preflight(overrides: Sequence[str]) -> None:
             cfg = compose(config_name="config", overrides=plain)
         OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as error:
-        message = _one_line(error).split(" Available options")[0]
+        message = _one_line(error).split(" Available options")[0].split(" Config search path")[0]
         options = str(error).split("Available options in")
         if len(options) > 1:  # e.g. data=nosuch: name the choices on the same line
-            choices = ", ".join(
-                line.strip() for line in options[1].splitlines()[1:] if line.strip()
-            )
-            message += f" (choices: {choices})"
+            lines = options[1].splitlines()[1:]
+            choices = []
+            for line in lines:
+                if not line.strip() or "Config search path" in line:
+                    break
+                choices.append(line.strip())
+            message += f" (choices: {', '.join(choices)})"
         raise UsageError(message) from None
     out = Path(str(cfg.output_dir)).expanduser()
     existing = next(p for p in [out, *out.parents] if p.exists())
@@ -100,6 +116,15 @@ def _preflight(overrides: Sequence[str]) -> None:
         raise UsageError(
             f"output_dir={str(out)!r} is not writable ({str(existing)!r} does not allow writing)"
         )
+    # Everything that can be checked before Hydra writes into output_dir is checked here, so
+    # bad input leaves an existing study folder untouched.
+    from lora_lab.pipeline import check_study_dir, plan, train_preflight
+
+    if command == "sweep":
+        plan(cfg)
+        check_study_dir(cfg, out)
+    else:
+        train_preflight(cfg)
 
 
 def _hydra_command(command: str, overrides: list[str], debug: bool) -> int:
@@ -137,7 +162,7 @@ def _hydra_command(command: str, overrides: list[str], debug: bool) -> int:
 
         exit_code = max(exit_code, _guard(body, debug))
 
-    code = _guard(lambda: _preflight(overrides), debug)
+    code = _guard(lambda: _preflight(command, overrides), debug)
     if code:
         return code
     sys.argv = [f"lora-lab {command}", *overrides]

@@ -28,8 +28,9 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 class ClassifierModule(L.LightningModule):
     """Cross-entropy classifier around any network mapping inputs to logits.
 
-    Logs `train_loss`/`train_acc` (per epoch), `val_loss`/`val_acc` and `test_loss`/
-    `test_acc`; after `trainer.test` the per-class test accuracy is in `per_class_test_acc`.
+    Logs `train_loss`/`train_acc`, `val_loss`/`val_acc` and `test_loss`/`test_acc` once per
+    epoch; after `trainer.test` the per-class test accuracy is in `per_class_test_acc`. A
+    non-finite training loss raises `FloatingPointError` at the step where it appears.
 
     Args:
         network: Maps `[B, ...]` inputs to logits `[B, num_classes]`.
@@ -57,11 +58,10 @@ class ClassifierModule(L.LightningModule):
 
     # -- task-specific hooks (overridden by RegressionModule) ---------------------------------
     def build_metrics(self) -> nn.ModuleDict:
-        """Accuracy per split plus per-class test accuracy (`average=None`)."""
+        """Validation/test accuracy plus per-class test accuracy (`average=None`)."""
         acc = lambda: MulticlassAccuracy(self.num_classes, average="micro")  # noqa: E731
         return nn.ModuleDict(
             {
-                "train_acc": acc(),
                 "val_acc": acc(),
                 "test_acc": acc(),
                 "test_per_class": MulticlassAccuracy(self.num_classes, average=None),
@@ -72,8 +72,12 @@ class ClassifierModule(L.LightningModule):
         """Cross-entropy of logits `[B, C]` against labels `[B]`."""
         return F.cross_entropy(output, target)
 
+    def count_correct(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
+        """Number of correct predictions in a batch (a 0-d tensor), or None for regression."""
+        return (output.argmax(dim=-1) == target).sum()
+
     def update_metrics(self, split: str, output: torch.Tensor, target: torch.Tensor) -> None:
-        """Feed one batch to this split's metrics and log them for the epoch."""
+        """Feed one validation/test batch to the split's metrics, logged for the epoch."""
         metric = self.metrics[f"{split}_acc"]
         metric(output, target)
         self.log(f"{split}_acc", metric, on_step=False, on_epoch=True)
@@ -85,28 +89,62 @@ class ClassifierModule(L.LightningModule):
         """Run the network."""
         return self.network(x)
 
-    def _step(self, batch: Sequence[torch.Tensor], split: str) -> torch.Tensor:
+    def on_train_epoch_start(self) -> None:
+        # [loss sum, correct, examples]: plain tensor sums instead of per-step self.log and
+        # metric updates, which cost more than a small MLP's whole training step.
+        self._train_sums = torch.zeros(3, dtype=torch.float64)
+
+    def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
         inputs, target = batch
         output = self(inputs)
         loss = self.loss(output, target)
-        # Epoch-level logging only: per-step logging costs more than a small MLP's step.
-        self.log(f"{split}_loss", loss, on_step=False, on_epoch=True, prog_bar=split != "test")
-        self.update_metrics(split, output.detach(), target)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss is {loss.item()} at epoch {self.current_epoch} batch {batch_idx}; "
+                "try a lower learning rate"
+            )
+        correct = self.count_correct(output.detach(), target)
+        count = target.shape[0]
+        self._train_sums[0] += loss.detach().double() * count
+        if correct is not None:
+            self._train_sums[1] += correct
+        self._train_sums[2] += count
         return loss
 
-    def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+    def on_train_epoch_end(self) -> None:
+        loss_sum, correct, count = self._train_sums.tolist()
+        if count:
+            self.log("train_loss", loss_sum / count)
+            if self.metrics:  # classification
+                self.log("train_acc", correct / count)
+
+    def _eval_step(self, batch: Sequence[torch.Tensor], split: str) -> None:
+        inputs, target = batch
+        output = self(inputs)
+        loss = self.loss(output, target)
+        self.log(f"{split}_loss", loss, on_step=False, on_epoch=True, prog_bar=split == "val")
+        self.update_metrics(split, output, target)
 
     def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
+        self._eval_step(batch, "val")
 
     def test_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
+        self._eval_step(batch, "test")
 
     def on_test_epoch_end(self) -> None:
         if "test_per_class" in self.metrics:
             self.per_class_test_acc = self.metrics["test_per_class"].compute().cpu()
             self.metrics["test_per_class"].reset()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Dropout draws from torch's global generator: keep its state so a resumed run draws
+        # the same masks as an uninterrupted one (the data order is fixed by seed and epoch).
+        checkpoint["torch_rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("torch_rng_state")
+        if state is not None:
+            torch.set_rng_state(state)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters the optimizer updates: every parameter that requires grad."""
@@ -132,6 +170,10 @@ class RegressionModule(ClassifierModule):
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """MSE of predictions `[B, D]` against targets `[B, D]`."""
         return F.mse_loss(output, target)
+
+    def count_correct(self, output: torch.Tensor, target: torch.Tensor) -> None:
+        """Regression has no accuracy."""
+        return None
 
     def update_metrics(self, split: str, output: torch.Tensor, target: torch.Tensor) -> None:
         """Regression has no metric beyond the loss already logged."""

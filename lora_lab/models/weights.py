@@ -12,7 +12,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -56,10 +55,9 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             return load_file(path)
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as error:
-        first_line = (
-            str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        )
+    except Exception as error:  # torch.load raises anything from IndexError to UnpicklingError
+        text = str(error).strip()
+        first_line = text.splitlines()[0] if text else type(error).__name__
         raise WeightsError(
             f"weights file {str(path)!r} is corrupt or unreadable: {first_line}"
         ) from None

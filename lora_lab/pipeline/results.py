@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
 RESULTS_CSV = "results.csv"
+#: Folder (inside a study) where `sweep.restart=true` keeps the previous study's files.
+SET_ASIDE = "replaced"
 
 #: Columns of `results.csv`, in order. Extra keys of a result (e.g. `delta_rel_error`) follow.
 COLUMNS = [
@@ -103,8 +105,8 @@ def find_results(root: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
     root = Path(root)
     results, problems = [], []
     for path in sorted(root.rglob(RESULT_FILE)):
-        if any(part.startswith(".") for part in path.relative_to(root).parts):
-            continue  # temp files and .hydra folders
+        if any(part.startswith(".") or part == SET_ASIDE for part in path.relative_to(root).parts):
+            continue  # temp files, .hydra folders, and studies a restart set aside
         try:
             result = read_result(path)
         except ValueError as error:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -16,12 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import pandas as pd
 import torch
 from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from lora_lab.lora import LoRAConfig, count_parameters, lora_delta_weight, lora_layers, save_adapter
 from lora_lab.models import ClassifierModule, lora_variant, read_weights, save_network_weights
+from lora_lab.pipeline.results import write_atomic
+from lora_lab.pipeline.resume import resume_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +38,11 @@ for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accele
     logging.getLogger(_name).setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
+# A resumed or redone run reuses its folder on purpose (its log is merged back, see below).
+warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
+warnings.filterwarnings(
+    "ignore", message=r".*Experiment logs directory .* exists and is not empty.*"
+)
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
 
 
@@ -167,12 +177,38 @@ def _relative_delta_error(
     return float(torch.linalg.norm(learned - true_delta) / torch.linalg.norm(true_delta))
 
 
+def _log_before(run_dir: Path, epochs: int) -> pd.DataFrame | None:
+    """The CSV log rows of the first `epochs` epochs (CSVLogger rewrites its file on resume)."""
+    path = run_dir / "logs" / "metrics.csv"
+    if epochs <= 0 or not path.is_file():
+        return None
+    rows = pd.read_csv(path)
+    return rows[rows["epoch"] < epochs] if "epoch" in rows else None
+
+
+def _prepend_log(run_dir: Path, earlier: pd.DataFrame) -> None:
+    """Put the epochs logged before an interruption back in front of the resumed run's log."""
+    path = run_dir / "logs" / "metrics.csv"
+    later = pd.read_csv(path) if path.is_file() else earlier.iloc[0:0]
+    write_atomic(path, pd.concat([earlier, later], ignore_index=True).to_csv(index=False))
+
+
+def _checkpoint_epoch(path: Path) -> int | None:
+    """The number of finished epochs a Lightning checkpoint holds, or None if unreadable."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        return int(checkpoint["epoch"]) + 1
+    except Exception:  # a truncated or foreign file: the caller restarts the run
+        return None
+
+
 def run_stage(
     run_cfg: DictConfig,
     study_dir: Path,
     *,
     pretrained: Path | None = None,
     target_data: DictConfig | None = None,
+    identity: str | None = None,
 ) -> StageRun:
     """Train and test one stage; save its weights or adapter; return its result row.
 
@@ -184,6 +220,9 @@ def run_stage(
         target_data: For pretrain, the finetune stages' data config: when it differs from the
             pretrain data, `test_acc` is measured on it (accuracy before finetuning) and the
             pretrain task's own accuracy goes to `source_test_acc`.
+        identity: The run's identity (`resume.run_identity`). With one, the run saves
+            `last.ckpt` at the end of every epoch (only the latest is kept) and resumes from
+            a `last.ckpt` left by an interrupted run with the same identity.
 
     Returns:
         The result row and the objects that produced it.
@@ -202,11 +241,49 @@ def run_stage(
     network = instantiate(run_cfg.model)
     module = build_module(run_cfg, network, pretrained)
     loggers = [instantiate(c) for c in run_cfg.logger.values()] if run_cfg.get("logger") else []
-    trainer = instantiate(run_cfg.trainer, logger=loggers, default_root_dir=str(run_dir))
+    callbacks, resume_from = [], None
+    if identity is not None:
+        resume_from = resume_checkpoint(run_dir, identity)
+        (run_dir / "identity.txt").write_text(identity + "\n")
+        # Lightning's own checkpointing: last.ckpt at every epoch end, nothing else kept.
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=run_dir,
+                filename="last",
+                monitor=None,
+                save_top_k=1,  # with no monitor: the newest epoch, replacing the previous file
+                every_n_epochs=1,
+                save_on_train_epoch_end=True,
+                enable_version_counter=False,
+            )
+        )
+    trainer = instantiate(
+        run_cfg.trainer,
+        logger=loggers,
+        callbacks=callbacks,
+        enable_checkpointing=bool(callbacks),
+        default_root_dir=str(run_dir),
+    )
 
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
+    epoch = 0
+    if resume_from is not None:
+        epoch = _checkpoint_epoch(resume_from)
+        if epoch is None:
+            log.warning("%s: %s is unreadable; starting the run again", run_id, resume_from)
+            resume_from.unlink()
+            resume_from = None
+        else:
+            print(
+                f"    resuming {run_id} after epoch {epoch} from {resume_from}",
+                file=sys.stderr,
+                flush=True,
+            )
+    earlier_log = _log_before(run_dir, epoch if resume_from else 0)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
     train_seconds = time.perf_counter() - start
+    if earlier_log is not None:
+        _prepend_log(run_dir, earlier_log)
 
     tested = _test(trainer, module, datamodule)
     source_test_acc = None
@@ -239,7 +316,11 @@ def run_stage(
         "run_dir": f"runs/{run_id}",
         "status": "ok",
         "error": "",
+        "identity": identity,
     }
+    fingerprint = getattr(datamodule, "fingerprint", None)
+    if callable(fingerprint):
+        result["data_fingerprint"] = fingerprint()
     delta_error = _relative_delta_error(module, datamodule, pretrained)
     if delta_error is not None:
         result["delta_rel_error"] = delta_error

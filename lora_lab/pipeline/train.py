@@ -5,12 +5,40 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from lora_lab.models import load_network_weights
 from lora_lab.pipeline.environment import environment
 from lora_lab.pipeline.results import write_results_csv
 from lora_lab.pipeline.stages import StageRun, run_stage, stage_config
-from lora_lab.pipeline.sweep import check_lora, record
+from lora_lab.pipeline.sweep import check_data, check_lora, record
+
+
+def train_preflight(cfg: DictConfig) -> Path | None:
+    """Check a single-stage run before anything is written; returns its starting weights.
+
+    Raises:
+        ValueError: for a bad stage, LoRA settings or data, and a `pretrain_ckpt` that is
+            missing, corrupt or made for another architecture.
+    """
+    stage = cfg.stage
+    run_cfg = stage_config(cfg, stage)
+    check_data([run_cfg])
+    if stage == "lora":
+        check_lora(run_cfg, [run_cfg])
+    if stage == "pretrain":
+        return None
+    if cfg.pretrain_ckpt is None:
+        raise ValueError(
+            f"stage={stage} needs pretrain_ckpt=<path to pretrain weights>, "
+            "e.g. pretrain_ckpt=outputs/<study>/checkpoints/pretrain.safetensors"
+        )
+    pretrained = Path(str(cfg.pretrain_ckpt)).expanduser()
+    if not pretrained.is_file():
+        raise ValueError(f"pretrain_ckpt={str(pretrained)!r} does not exist")
+    load_network_weights(instantiate(run_cfg.model), pretrained)  # corrupt / other architecture
+    return pretrained
 
 
 def train(cfg: DictConfig, study_dir: Path) -> tuple[dict[str, Any], StageRun]:
@@ -22,19 +50,9 @@ def train(cfg: DictConfig, study_dir: Path) -> tuple[dict[str, Any], StageRun]:
     Returns:
         The result row and the objects that produced it.
     """
+    pretrained = train_preflight(cfg)
     stage = cfg.stage
     run_cfg = stage_config(cfg, stage)
-    pretrained = None
-    if stage != "pretrain":
-        if cfg.pretrain_ckpt is None:
-            raise ValueError(
-                f"stage={stage} needs pretrain_ckpt=<path to pretrain weights>, e.g. pretrain_ckpt=outputs/<study>/checkpoints/pretrain.safetensors"
-            )
-        pretrained = Path(cfg.pretrain_ckpt)
-        if not pretrained.is_file():
-            raise ValueError(f"pretrain_ckpt={str(pretrained)!r} does not exist")
-    if stage == "lora":
-        check_lora(run_cfg, [run_cfg])
     kwargs: dict[str, Any] = {"pretrained": pretrained}
     if stage == "pretrain":
         kwargs = {"target_data": stage_config(cfg, "lora").data}

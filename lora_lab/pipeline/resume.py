@@ -1,0 +1,189 @@
+"""What makes a sweep survive: run identities, skip/resume decisions, the study-folder check.
+
+A run's identity is a hash of everything in its resolved config that can change its result
+(stage, seed, data, model, module, trainer, LoRA settings, and for finetune runs the identity
+of the pretrain run they start from). Re-running a sweep skips a run whose `result.json` says
+`ok` under the same identity, resumes one that left a `last.ckpt` under the same identity, and
+redoes everything else.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from lora_lab.pipeline.results import RESULT_FILE, RESULTS_CSV, SET_ASIDE, read_result
+
+STUDY_FILE = "study.json"
+CHECKPOINT_FILE = "last.ckpt"
+
+# Keys that change how a run is shown or where it is written, never what it computes.
+_COSMETIC = {
+    "trainer": {"enable_progress_bar", "enable_model_summary", "log_every_n_steps"},
+    "data": {"cache_dir", "num_workers", "download"},
+}
+# Study keys that may change between invocations into the same folder: the runs they add or
+# drop are identified one by one, so e.g. adding ranks to a finished sweep just runs the new ones.
+_STUDY_FREE = {
+    "output_dir",
+    "run_id",
+    "run_dir",
+    "stage",
+    "pretrain_ckpt",
+    "sweep.ranks",
+    "sweep.seeds",
+    "sweep.restart",
+    "sweep.jobs",
+}
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def run_identity(run_cfg: DictConfig, upstream: str | None = None) -> str:
+    """A 16-hex-digit hash of what determines the result of the run `run_cfg` describes.
+
+    Args:
+        run_cfg: A per-run config from `stage_config`.
+        upstream: The identity of the run whose weights this one starts from (pretrain for the
+            finetune stages), so a changed pretrain invalidates everything after it.
+    """
+    parts: dict[str, Any] = {
+        "stage": run_cfg.stage,
+        "seed": int(run_cfg.seed),
+        "upstream": upstream,
+    }
+    for group in ("data", "model", "module", "trainer"):
+        parts[group] = {
+            k: v for k, v in _plain(run_cfg[group]).items() if k not in _COSMETIC.get(group, ())
+        }
+    if run_cfg.stage == "lora":
+        parts["lora"] = _plain(run_cfg.lora)
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def finished(run_dir: Path, identity: str) -> bool:
+    """True when `run_dir` holds an `ok` result of a run with this identity.
+
+    A corrupt `result.json` counts as not finished; callers report it via `describe_previous`.
+    """
+    path = run_dir / RESULT_FILE
+    if not path.is_file():
+        return False
+    try:
+        result = read_result(path)
+    except ValueError:
+        return False
+    return result.get("status") == "ok" and result.get("identity") == identity
+
+
+def describe_previous(run_dir: Path) -> str | None:
+    """A one-line note on why an existing `result.json` will be redone, or None if absent."""
+    path = run_dir / RESULT_FILE
+    if not path.is_file():
+        return None
+    try:
+        result = read_result(path)
+    except ValueError as error:
+        return f"{error}; redoing the run"
+    if result.get("status") != "ok":
+        return f"previous attempt failed ({result.get('error', '')}); redoing the run"
+    return "config changed since the previous result; redoing the run"
+
+
+def resume_checkpoint(run_dir: Path, identity: str) -> Path | None:
+    """The run's `last.ckpt` when it belongs to this identity (else it is stale: removed)."""
+    checkpoint = run_dir / CHECKPOINT_FILE
+    marker = run_dir / "identity.txt"
+    if not checkpoint.is_file():
+        return None
+    if marker.is_file() and marker.read_text().strip() == identity:
+        return checkpoint
+    checkpoint.unlink()
+    return None
+
+
+def study_config(cfg: DictConfig) -> dict[str, Any]:
+    """The study's resolved config as stored in `study.json` (Hydra's own node left out)."""
+    return {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
+
+
+def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two study configs (free keys ignored)."""
+    flat_old, flat_new = _flatten(old), _flatten(new)
+    keys = sorted(set(flat_old) | set(flat_new))
+    return [
+        key
+        for key in keys
+        if flat_old.get(key) != flat_new.get(key)
+        and not any(key == free or key.startswith(f"{free}.") for free in _STUDY_FREE)
+        and not any(
+            key == f"{group}.{c}" for group, cosmetic in _COSMETIC.items() for c in cosmetic
+        )
+    ]
+
+
+def check_study_dir(cfg: DictConfig, study_dir: Path) -> None:
+    """Refuse to continue a study folder that holds a study with another config.
+
+    Raises:
+        ValueError: naming the keys that differ, unless `sweep.restart=true`.
+    """
+    path = study_dir / STUDY_FILE
+    if cfg.sweep.restart or not path.is_file():
+        return
+    try:
+        previous = json.loads(path.read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # a study.json without a config (or unreadable) has nothing to compare with
+    differences = config_differences(previous, study_config(cfg))
+    if differences:
+        shown = ", ".join(differences[:8]) + (
+            f" and {len(differences) - 8} more" if len(differences) > 8 else ""
+        )
+        raise ValueError(
+            f"output_dir={str(study_dir)!r} holds a study with a different config ({shown}); "
+            "use another output_dir, or sweep.restart=true to redo it (old results are kept aside)"
+        )
+
+
+def set_aside(study_dir: Path) -> Path | None:
+    """Move a previous study's files into `replaced/<time>/` so a restart loses nothing."""
+    names = [
+        "runs",
+        "checkpoints",
+        "adapters",
+        RESULTS_CSV,
+        STUDY_FILE,
+        "report.md",
+        "analysis.csv",
+    ]
+    present = [study_dir / n for n in names if (study_dir / n).exists()]
+    present += sorted(study_dir.glob("*.png"))
+    if not present:
+        return None
+    target = study_dir / SET_ASIDE / dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
+    target.mkdir(parents=True)
+    for item in present:
+        shutil.move(str(item), target / item.name)
+    return target
