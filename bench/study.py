@@ -11,8 +11,10 @@ Usage: python bench/study.py [--epochs N] [--ranks 1,2,4,...]
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,7 +29,9 @@ FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 def timed(cmd: list[str]) -> float:
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode:
+        sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
     return time.perf_counter() - start
 
 
@@ -42,8 +46,9 @@ def main() -> None:
         tmp_path = Path(tmp)
         raw = tmp_path / "tv" / "FashionMNIST" / "raw"
         raw.mkdir(parents=True)
-        for name in os.listdir(FASHION):
-            (raw / name).symlink_to(FASHION / name)
+        for name in os.listdir(FASHION):  # torchvision reads the uncompressed IDX files
+            with gzip.open(FASHION / name) as src, open(raw / name.removesuffix(".gz"), "wb") as dst:
+                shutil.copyfileobj(src, dst)
         ours_dir = tmp_path / "ours"
         ours_cmd = [
             sys.executable,
