@@ -58,3 +58,15 @@ def test_linear_shift_recovers_the_rank_one_update(tmp_path: Path):
     assert table.loc["lora", "delta_rel_error"] < 0.02
     assert table.loc["full_finetune", "delta_rel_error"] < 0.02
     assert table.loc["lora", "trainable_params"] == 101 + 100
+
+    # LoRA paper §7 on the known answer: the full update is rank 1 and the adapter finds it.
+    assert main(["analyze", str(out)]) == 0
+    analysis = pd.read_csv(out / "analysis.csv")
+    spectrum = analysis[analysis.kind == "spectrum"].set_index("layer").loc["linear"]
+    assert spectrum.sigma1_over_sigma2 > 100
+    assert spectrum.effective_rank < 1.05
+    assert (
+        analysis[analysis.kind == "lora_vs_full"].set_index("layer").loc["linear", "proj_top1"]
+        > 0.99
+    )
+    assert "## Analysis" in (out / "report.md").read_text()
