@@ -18,6 +18,8 @@ from typing import Any
 
 import pandas as pd
 
+from lora_lab.schema import INTEGER_COLUMNS, RESULT_COLUMNS
+
 log = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
@@ -25,27 +27,7 @@ RESULTS_CSV = "results.csv"
 #: Folder (inside a study) where `sweep.restart=true` keeps the previous study's files.
 SET_ASIDE = "replaced"
 
-#: Columns of `results.csv`, in order. Extra keys of a result (e.g. `delta_rel_error`) follow.
-COLUMNS = [
-    "run_id",
-    "stage",
-    "rank",
-    "alpha",
-    "seed",
-    "learning_rate",
-    "trainable_params",
-    "total_params",
-    "test_acc",
-    "test_loss",
-    "per_class_acc",
-    "source_test_acc",
-    "train_seconds",
-    "epochs",
-    "run_dir",
-    "status",
-    "error",
-]
-INTEGER_COLUMNS = ["rank", "seed", "trainable_params", "total_params", "epochs"]
+COLUMNS = list(RESULT_COLUMNS)
 #: Keys of `result.json` that are records, not table columns.
 RECORD_ONLY = {"config", "environment", "data_fingerprint", "identity", "command"}
 

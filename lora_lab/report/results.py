@@ -14,27 +14,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from lora_lab.schema import RESULT_COLUMNS, STAGE_ORDER
+
 logger = logging.getLogger(__name__)
 
-REQUIRED_COLUMNS: tuple[str, ...] = (
-    "run_id",
-    "stage",
-    "rank",
-    "alpha",
-    "seed",
-    "learning_rate",
-    "trainable_params",
-    "total_params",
-    "test_acc",
-    "test_loss",
-    "per_class_acc",
-    "source_test_acc",
-    "train_seconds",
-    "epochs",
-    "run_dir",
-    "status",
-    "error",
-)
+REQUIRED_COLUMNS: tuple[str, ...] = RESULT_COLUMNS
 NUMERIC_COLUMNS: tuple[str, ...] = (
     "rank",
     "alpha",
@@ -51,7 +35,6 @@ NUMERIC_COLUMNS: tuple[str, ...] = (
 TEXT_COLUMNS: tuple[str, ...] = tuple(c for c in REQUIRED_COLUMNS if c not in NUMERIC_COLUMNS)
 #: Added by :func:`normalize_results`; not part of the file, never shown as an extra column.
 DERIVED_COLUMNS: tuple[str, ...] = ("alpha_per_rank",)
-STAGE_ORDER: tuple[str, ...] = ("pretrain", "full_finetune", "lora")
 
 
 def check_columns(df: pd.DataFrame, source: str | Path) -> None:
