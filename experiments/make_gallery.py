@@ -48,9 +48,9 @@ def commands(name: str, work: Path, extra: list[str]) -> list[list[str]]:
 
 def make(name: str, into: Path, work_root: Path, extra: list[str]) -> Path:
     """Run one study and copy its small artefacts into `into/<name>/`."""
-    work = work_root / name
-    if work.exists():
-        shutil.rmtree(work)
+    work = work_root / name  # relative paths are taken from the repository root
+    if (ROOT / work).exists():
+        shutil.rmtree(ROOT / work)
     steps = commands(name, work, extra)
     for step in steps:
         print("+", shlex.join(step), flush=True)
@@ -60,7 +60,7 @@ def make(name: str, into: Path, work_root: Path, extra: list[str]) -> Path:
         shutil.rmtree(target)
     target.mkdir(parents=True)
     for pattern in KEEP:
-        for path in work.glob(pattern):
+        for path in (ROOT / work).glob(pattern):
             shutil.copy2(path, target / path.name)
     regenerate = shlex.join(
         [
@@ -75,7 +75,7 @@ def make(name: str, into: Path, work_root: Path, extra: list[str]) -> Path:
         f"Regenerate with `{regenerate}` (from the repository root), which runs:\n\n"
         "```bash\n" + "\n".join(shlex.join(step) for step in steps) + "\n```\n\n"
     )
-    (target / "REPORT.md").write_text(header + (work / "report.md").read_text())
+    (target / "REPORT.md").write_text(header + (ROOT / work / "report.md").read_text())
     return target
 
 
