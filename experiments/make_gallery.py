@@ -86,7 +86,10 @@ def main() -> None:
         "--into", type=Path, default=HERE, help="gallery folder (default: experiments/)"
     )
     parser.add_argument(
-        "--work", type=Path, default=ROOT / "outputs" / "gallery", help="where the full studies go"
+        "--work",
+        type=Path,
+        default=Path("outputs/gallery"),
+        help="where the full studies go (a relative path is taken from the repository root)",
     )
     parser.add_argument(
         "--extra", nargs="*", default=[], help="more Hydra overrides for every study"
