@@ -1,0 +1,250 @@
+"""Fused rank sweep: fused adapters equal sequential ones, each adapter keeps its own scheduler
+and dropout masks, outputs look like a sequential sweep's, and unfusable runs say why."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+from safetensors.torch import load_file
+from torch import nn
+
+from lora_lab.cli import CONF_DIR
+from lora_lab.data import clear_memory_cache
+from lora_lab.data.fakes import write_fake_mnist
+from lora_lab.lora import LoRAConfig, inject_lora, load_adapter, lora_layers
+from lora_lab.lora.grouped import GroupedLoRALinear, group_networks
+from lora_lab.models import MLP, save_network_weights
+from lora_lab.pipeline import fused
+from lora_lab.pipeline.sweep import PlannedRun, execute, plan
+
+PLATEAU = (
+    "module.scheduler={_target_:torch.optim.lr_scheduler.ReduceLROnPlateau,"
+    "_partial_:true,patience:0,factor:0.5}"
+)
+
+
+def composed(folder: Path, *overrides: str) -> DictConfig:
+    """A tiny study on fake Fashion-MNIST files (as conftest's `tiny_study_overrides`, which
+    `tests.` imports reach only under `python -m pytest`)."""
+    clear_memory_cache()
+    data = write_fake_mnist(folder / "fashion", n_train=600, n_test=100)
+    tiny = [
+        f"data.root={data}",
+        f"data.cache_dir={folder / 'cache'}",
+        "data.val_size=100",
+        "data.batch_size=128",
+        "trainer.enable_progress_bar=false",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "stages.lora.max_epochs=1",
+        f"output_dir={folder / 'out'}",
+    ]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=[*tiny, *overrides])
+
+
+def lora_runs(cfg: DictConfig) -> list[PlannedRun]:
+    return [run for run in plan(cfg) if run.stage == "lora"]
+
+
+def base_weights(cfg: DictConfig, folder: Path) -> Path:
+    """A stand-in for the pretrain checkpoint: the network at its seeded init."""
+    torch.manual_seed(123)
+    return save_network_weights(instantiate(cfg.model), folder / "pretrain.safetensors")
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """Ranks 1, 2, 4 trained fused and, as the reference, one after another by `run_stage`."""
+    folder = tmp_path_factory.mktemp("fused")
+    cfg = composed(
+        folder,
+        "sweep.ranks=[1,2,4]",
+        "stages.lora.max_epochs=3",
+        "trainer.limit_train_batches=3",
+        "module.optimizer.lr=0.01",
+        PLATEAU,
+    )
+    runs = lora_runs(cfg)
+    pretrained = base_weights(cfg, folder)
+    fused_rows = fused.run_fused_group(runs, folder / "fused", pretrained, {})
+    sequential_rows = [execute(run, folder / "seq", {}, pretrained=pretrained)[0] for run in runs]
+    return SimpleNamespace(
+        folder=folder, runs=runs, fused=fused_rows, sequential=sequential_rows, cfg=cfg
+    )
+
+
+def test_fused_adapters_equal_sequential_ones(study: SimpleNamespace):
+    for run in study.runs:
+        name = f"adapters/rank_{run.rank}_seed_0/adapter_model.safetensors"
+        together = load_file(study.folder / "fused" / name)
+        alone = load_file(study.folder / "seq" / name)
+        assert together.keys() == alone.keys()
+        for key in alone:
+            assert (together[key] - alone[key]).abs().max() < 1e-5, key
+        assert any(t.abs().max() > 0 for k, t in together.items() if "lora_B" in k)  # trained
+
+
+def test_outputs_look_like_a_sequential_sweep(study: SimpleNamespace):
+    for together, alone in zip(study.fused, study.sequential, strict=True):
+        assert list(together) == list(alone)  # the same columns, in the same order
+        for key in ("run_id", "rank", "alpha", "seed", "learning_rate", "trainable_params"):
+            assert together[key] == alone[key], key
+        for key in ("total_params", "epochs", "run_dir", "status", "identity"):
+            assert together[key] == alone[key], key
+        assert together["test_loss"] == pytest.approx(alone["test_loss"], abs=1e-5)
+        assert together["per_class_acc"].keys() == alone["per_class_acc"].keys()
+        assert (study.folder / "fused" / together["run_dir"] / "result.json").is_file()
+        logs = [
+            pd.read_csv(root / together["run_dir"] / "logs" / "metrics.csv")
+            for root in (study.folder / "fused", study.folder / "seq")
+        ]
+        assert list(logs[0].columns) == list(logs[1].columns)
+        assert logs[0][["epoch", "step"]].equals(logs[1][["epoch", "step"]])
+        assert logs[0].drop(columns=["epoch", "step"]).fillna(0).to_numpy() == pytest.approx(
+            logs[1].drop(columns=["epoch", "step"]).fillna(0).to_numpy(), abs=1e-4
+        )
+        network = MLP()
+        load_adapter(
+            network, study.folder / "fused" / "adapters" / f"rank_{together['rank']}_seed_0"
+        )
+        assert all(layer.rank == together["rank"] for layer in lora_layers(network).values())
+
+
+def test_each_adapter_follows_its_own_plateau_scheduler(
+    study: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+):
+    # Scripted validation losses: adapter 0 keeps improving, adapter 1 never does.
+    group = fused.FusedGroup(
+        study.runs[:2], study.folder / "plateau", study.folder / "pretrain.safetensors"
+    )
+    first, second = group.members
+    epoch = {"n": 0}
+
+    def scripted(loader: object, batches: int, split: str) -> dict[int, dict[str, float]]:
+        epoch["n"] += 1
+        return {
+            id(first): {"val_loss": 1.0 / epoch["n"], "val_acc": 0.5},
+            id(second): {"val_loss": 1.0 + epoch["n"], "val_acc": 0.5},
+        }
+
+    monkeypatch.setattr(group, "evaluate", scripted)
+    group.fit()
+    lr = 0.01
+    assert first.optimizer.param_groups[0]["lr"] == pytest.approx(lr)
+    # patience 0: every epoch after the first is a plateau for the second adapter
+    assert second.optimizer.param_groups[0]["lr"] == pytest.approx(lr * 0.5 ** (group.epochs - 1))
+
+
+def _twin_adapters(dropout: float) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    network = MLP(input_shape=(6,), num_classes=3, hidden_sizes=(5,), dropout=dropout)
+    inject_lora(network, LoRAConfig(rank=2, alpha=2, dropout=dropout))
+    with torch.no_grad():
+        for layer in lora_layers(network).values():
+            layer.lora_B.weight.normal_()
+    return network, copy.deepcopy(network)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_dropout_masks_are_drawn_per_adapter(dropout: float):
+    twins = _twin_adapters(dropout)
+    grouped = group_networks(twins)
+    inputs = torch.randn(64, 6)
+    grouped.train()
+    out = grouped(inputs)  # [2, 64, 3]
+    assert torch.equal(out[0], out[1]) == (dropout == 0.0)
+    grouped.eval()
+    out = grouped(inputs)
+    assert torch.allclose(out[0], out[1])
+    layer = grouped.get_submodule("hidden.0")
+    assert isinstance(layer, GroupedLoRALinear)
+    layer.train()
+    stacked = layer(torch.randn(64, 6).expand(2, 64, 6))
+    assert torch.equal(stacked[0], stacked[1]) == (dropout == 0.0)
+
+
+def test_grouped_network_gives_each_adapter_its_own_output_and_gradient():
+    networks = []
+    for rank, alpha, rslora in ((1, 1, False), (3, 8, True), (5, 2, False)):
+        torch.manual_seed(0)  # the same frozen base
+        network = MLP(input_shape=(7,), num_classes=4, hidden_sizes=(6, 5))
+        torch.manual_seed(rank)
+        inject_lora(network, LoRAConfig(rank=rank, alpha=alpha, use_rslora=rslora))
+        with torch.no_grad():
+            for layer in lora_layers(network).values():
+                layer.lora_B.weight.normal_()
+        networks.append(network)
+    inputs, target = torch.randn(16, 7), torch.randint(0, 4, (16,))
+    grouped = group_networks(networks)
+    outputs = grouped(inputs)
+    sum(nn.functional.cross_entropy(out, target) for out in outputs).backward()
+    together = [
+        [p.grad.clone() for p in lora_layers(n)["hidden.1"].parameters() if p.requires_grad]
+        for n in networks
+    ]
+    for network, out in zip(networks, outputs, strict=True):
+        network.zero_grad()
+        alone = network(inputs)
+        assert torch.allclose(out, alone, atol=1e-6)
+        nn.functional.cross_entropy(alone, target).backward()
+    for network, grads in zip(networks, together, strict=True):
+        own = [p.grad for p in lora_layers(network)["hidden.1"].parameters() if p.requires_grad]
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, own, strict=True))
+
+
+def test_runs_that_cannot_fuse_say_why(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    runs = lora_runs(composed(tmp_path, "sweep.ranks=[1,2,4]"))
+    with open_dict(runs[2].cfg):
+        runs[2].cfg.module.optimizer.lr = 0.5
+    groups, alone = fused.fusable(runs)
+    assert groups == [runs[:2]]
+    assert [run for run, _ in alone] == [runs[2]]
+    assert "module.optimizer.lr" in alone[0][1]
+
+    conv = composed(
+        tmp_path, "model=convnet", "sweep.ranks=[1,2]", "lora.target_modules=[conv1,fc1]"
+    )
+    conv_runs = lora_runs(conv)
+    results, sequential = fused.run_fused(conv_runs, tmp_path / "conv", tmp_path / "none", {})
+    assert results == [] and sequential == conv_runs
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line.strip() for line in lines] == [
+        "not fused: lora ranks 1,2 seed 0: conv1 is a LoRAConv2d; fused training handles "
+        "Linear adapters only; they run one after another"
+    ]
+
+
+def test_seeds_fuse_only_when_they_share_the_data(tmp_path: Path):
+    runs = lora_runs(composed(tmp_path, "sweep.ranks=[1,2]", "sweep.seeds=[0,1]"))
+    groups, alone = fused.fusable(runs)
+    assert [[(r.rank, r.seed) for r in group] for group in groups] == [
+        [(1, 0), (2, 0)],
+        [(1, 1), (2, 1)],
+    ]
+    assert alone == []
+    one_rank = lora_runs(composed(tmp_path, "sweep.ranks=[4]", "sweep.seeds=[0,1]"))
+    groups, alone = fused.fusable(one_rank)
+    assert groups == [] and all("data.seed" in reason for _, reason in alone)
+    fixed = lora_runs(composed(tmp_path, "sweep.ranks=[4]", "sweep.seeds=[0,1]", "data.seed=0"))
+    assert fused.fusable(fixed) == ([fixed], [])
+
+
+def test_a_diverging_adapter_fails_alone(tmp_path: Path):
+    cfg = composed(tmp_path, "sweep.ranks=[1,2]", "lora.alpha=1", "stages.lora.max_epochs=2")
+    runs = lora_runs(cfg)
+    with open_dict(runs[1].cfg):
+        runs[1].cfg.lora.alpha = 1e20  # its loss overflows within a few steps
+    rows = fused.run_fused_group(runs, tmp_path / "study", base_weights(cfg, tmp_path), {})
+    assert rows[0]["status"] == "ok" and math.isfinite(rows[0]["test_loss"])
+    assert rows[1]["status"] == "failed" and "not finite" in rows[1]["error"]
+    assert not (tmp_path / "study" / "adapters" / "rank_2_seed_0").exists()
