@@ -133,9 +133,11 @@ def _hydra_command(command: str, overrides: list[str], debug: bool) -> int:
     from omegaconf import DictConfig
 
     from lora_lab.pipeline import run_sweep, train
+    from lora_lab.pipeline.parallel import JobFailed
 
     exit_code = 0
     command_line = shlex.join(["lora-lab", command, *overrides])
+    parent = os.getpid()
 
     def task(cfg: DictConfig) -> None:
         nonlocal exit_code
@@ -160,13 +162,21 @@ def _hydra_command(command: str, overrides: list[str], debug: bool) -> int:
             )
             return 0
 
-        exit_code = max(exit_code, _guard(body, debug))
+        code = _guard(body, debug)
+        exit_code = max(exit_code, code)
+        if code and os.getpid() != parent:
+            # Launchers that run jobs elsewhere (joblib, submitit, Ray) never see exit_code:
+            # fail the job, so that Hydra reports it and the parent exits non-zero.
+            raise JobFailed(f"lora-lab {command}: a job exited with code {code} (error above)")
 
     code = _guard(lambda: _preflight(command, overrides), debug)
     if code:
         return code
     sys.argv = [f"lora-lab {command}", *overrides]
-    hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)()
+    try:
+        hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)()
+    except SystemExit as stop:  # Hydra exits 1 after printing a failed job's JobFailed
+        return max(exit_code, stop.code if isinstance(stop.code, int) else 1)
     return exit_code
 
 

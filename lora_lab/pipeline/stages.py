@@ -7,6 +7,7 @@ the only input; `run_stage` returns the result and the built objects so tests ca
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import sys
@@ -20,7 +21,7 @@ import lightning as L
 import pandas as pd
 import torch
 from hydra.utils import get_class, instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from lora_lab.lora import LoRAConfig, count_parameters, lora_delta_weight, lora_layers, save_adapter
@@ -57,16 +58,44 @@ class StageRun:
 
 
 def run_id_for(
-    stage: str, rank: int | None = None, alpha: float | None = None, seed: int = 0
+    stage: str,
+    rank: int | None = None,
+    alpha: float | None = None,
+    seed: int = 0,
+    learning_rate: float | None = None,
 ) -> str:
-    """A readable, unique folder name for a run, e.g. `lora_r8_a8_s0`."""
+    """A readable, unique folder name for a run, e.g. `lora_r8_a8_s0`.
+
+    `learning_rate` is given only when a sweep varies it (`lora_r8_a8_lr0.001_s0`), so the
+    names of single-learning-rate studies stay as they were.
+    """
     if stage != "lora":
         return stage
-    return f"lora_r{rank}_a{alpha:g}_s{seed}"
+    lr = f"_lr{learning_rate:g}" if learning_rate is not None else ""
+    return f"lora_r{rank}_a{alpha:g}{lr}_s{seed}"
+
+
+def adapter_name_for(
+    rank: int, seed: int, alpha: float | None = None, learning_rate: float | None = None
+) -> str:
+    """The folder under `adapters/` of a LoRA run: `rank_<r>_seed_<s>`, plus `_alpha_<a>` and
+    `_lr_<lr>` for the values a sweep varies (None: not varied, left out of the name)."""
+    name = f"rank_{rank}_seed_{seed}"
+    if alpha is not None:
+        name += f"_alpha_{alpha:g}"
+    if learning_rate is not None:
+        name += f"_lr_{learning_rate:g}"
+    return name
 
 
 def stage_config(
-    cfg: DictConfig, stage: str, *, rank: int | None = None, seed: int | None = None
+    cfg: DictConfig,
+    stage: str,
+    *,
+    rank: int | None = None,
+    seed: int | None = None,
+    alpha: float | None = None,
+    learning_rate: float | None = None,
 ) -> DictConfig:
     """The config one run sees: `stages.<stage>` merged over the top-level groups.
 
@@ -75,6 +104,8 @@ def stage_config(
         stage: One of `STAGES`.
         rank: For LoRA runs, the rank of this run (sets `lora.rank`).
         seed: The run's seed (sets `seed`); None keeps `cfg.seed`.
+        alpha: For LoRA runs, sets `lora.alpha` (None keeps it, by default `${lora.rank}`).
+        learning_rate: Sets `module.optimizer.lr`, over `stages.<stage>.lr`.
 
     Returns:
         A new config; `cfg` is not modified.
@@ -96,8 +127,12 @@ def stage_config(
             merged.module.optimizer.lr = overrides.lr
         if overrides.max_epochs is not None:
             merged.trainer.max_epochs = overrides.max_epochs
+        if learning_rate is not None:
+            merged.module.optimizer.lr = learning_rate
         if rank is not None:
             merged.lora.rank = rank
+        if alpha is not None:
+            merged.lora.alpha = alpha
         if seed is not None:
             merged.seed = seed
     return merged
@@ -202,6 +237,40 @@ def _checkpoint_epoch(path: Path) -> int | None:
         return None
 
 
+class _FinishedEpochs(Callback):
+    """Puts the number of finished epochs into `trainer.callback_metrics` at the end of fit.
+
+    A spawn-based strategy (`trainer=ddp`) trains in child processes and copies back only the
+    weights and `callback_metrics`; the parent's own `trainer.current_epoch` stays 0.
+    """
+
+    KEY = "finished_epochs"
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.callback_metrics[self.KEY] = torch.tensor(float(trainer.current_epoch))
+
+
+def _single_device_trainer(run_cfg: DictConfig, run_dir: Path) -> L.Trainer:
+    """A one-device Trainer for testing after a multi-device fit.
+
+    As Lightning advises, so that every test example counts once (a DistributedSampler pads
+    the test set to a multiple of the device count); and it runs in this process, so the
+    per-class accuracy the module keeps as an attribute is not lost in a spawned worker. No
+    logger: a CSV logger created here would replace the metrics.csv the workers wrote.
+    """
+    trainer_cfg = copy.deepcopy(run_cfg.trainer)
+    with _editable(trainer_cfg):
+        trainer_cfg.strategy, trainer_cfg.devices, trainer_cfg.num_nodes = "auto", 1, 1
+        trainer_cfg.pop("callbacks", None)
+    return instantiate(
+        trainer_cfg,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=str(run_dir),
+    )
+
+
 def run_stage(
     run_cfg: DictConfig,
     study_dir: Path,
@@ -209,6 +278,8 @@ def run_stage(
     pretrained: Path | None = None,
     target_data: DictConfig | None = None,
     identity: str | None = None,
+    run_id: str | None = None,
+    adapter_name: str | None = None,
 ) -> StageRun:
     """Train and test one stage; save its weights or adapter; return its result row.
 
@@ -223,6 +294,12 @@ def run_stage(
         identity: The run's identity (`resume.run_identity`). With one, the run saves
             `last.ckpt` at the end of every epoch (only the latest is kept) and resumes from
             a `last.ckpt` left by an interrupted run with the same identity.
+        run_id: The run's folder name; None derives it from stage, rank, alpha and seed.
+        adapter_name: The LoRA adapter's folder under `adapters/`; None: `rank_<r>_seed_<s>`.
+
+    Under a multi-process strategy (`trainer=ddp`) only `fit` runs in the spawned processes;
+    everything else, every file write included, happens in this process, which is rank 0's
+    parent. Testing then runs here on one device (see `_single_device_trainer`).
 
     Returns:
         The result row and the objects that produced it.
@@ -230,7 +307,7 @@ def run_stage(
     stage, seed = run_cfg.stage, int(run_cfg.seed)
     rank = int(run_cfg.lora.rank) if stage == "lora" else None
     alpha = float(run_cfg.lora.alpha) if stage == "lora" else None
-    run_id = run_id_for(stage, rank, alpha, seed)
+    run_id = run_id or run_id_for(stage, rank, alpha, seed)
     run_dir = study_dir / "runs" / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     with _editable(run_cfg):
@@ -241,7 +318,10 @@ def run_stage(
     network = instantiate(run_cfg.model)
     module = build_module(run_cfg, network, pretrained)
     loggers = [instantiate(c) for c in run_cfg.logger.values()] if run_cfg.get("logger") else []
-    callbacks, resume_from = [], None
+    # Callbacks listed in the trainer config (e.g. trainer=ddp's replica check) come first.
+    callbacks: list[Callback] = list(instantiate(run_cfg.trainer.get("callbacks")) or [])
+    callbacks.append(_FinishedEpochs())
+    resume_from = None
     if identity is not None:
         resume_from = resume_checkpoint(run_dir, identity)
         (run_dir / "identity.txt").write_text(identity + "\n")
@@ -285,18 +365,23 @@ def run_stage(
     if earlier_log is not None:
         _prepend_log(run_dir, earlier_log)
 
-    tested = _test(trainer, module, datamodule)
+    epochs = int(trainer.callback_metrics.get(_FinishedEpochs.KEY, trainer.current_epoch))
+    tester = trainer if trainer.world_size == 1 else _single_device_trainer(run_cfg, run_dir)
+    tested = _test(tester, module, datamodule)
     source_test_acc = None
     if stage == "pretrain":
         source_test_acc = tested["test_acc"]
         if target_data is not None and OmegaConf.to_container(
             target_data, resolve=True
         ) != OmegaConf.to_container(run_cfg.data, resolve=True):
-            tested = _test(trainer, module, instantiate(target_data))
+            tested = _test(tester, module, instantiate(target_data))
 
     counts = count_parameters(module.network)
     if stage == "lora":
-        save_adapter(module.network, study_dir / "adapters" / f"rank_{rank}_seed_{seed}")
+        assert rank is not None
+        save_adapter(
+            module.network, study_dir / "adapters" / (adapter_name or adapter_name_for(rank, seed))
+        )
     else:
         save_network_weights(module.network, study_dir / "checkpoints" / f"{stage}.safetensors")
 
@@ -312,7 +397,7 @@ def run_stage(
         **tested,
         "source_test_acc": source_test_acc,
         "train_seconds": round(train_seconds, 3),
-        "epochs": int(trainer.current_epoch),
+        "epochs": epochs,
         "run_dir": f"runs/{run_id}",
         "status": "ok",
         "error": "",
