@@ -207,7 +207,11 @@ class Member:
     def build(cls, run: PlannedRun, study_dir: Path, pretrained: Path) -> Member:
         """Build the run's module exactly as `run_stage` does, so it starts from the same init."""
         run_cfg = copy.deepcopy(run.cfg)
-        run_id = run_id_for("lora", run.rank, float(run_cfg.lora.alpha), run.seed)
+        # The plan names runs (and adapters) when a sweep varies alpha or the learning rate;
+        # a bare PlannedRun gets run_stage's default names.
+        run_id = getattr(run, "run_id", "") or run_id_for(
+            "lora", run.rank, float(run_cfg.lora.alpha), run.seed
+        )
         run_dir = study_dir / "runs" / run_id
         run_dir.mkdir(parents=True, exist_ok=True)
         with open_dict(run_cfg):
@@ -454,7 +458,8 @@ class FusedGroup:
         member.module.on_test_epoch_end()  # per-class test accuracy, as after trainer.test
         test_row = _test(_MeasuredTrainer(tested), member.module, datamodule)  # type: ignore[arg-type]
         counts = count_parameters(network)
-        save_adapter(network, self.study_dir / "adapters" / f"rank_{run.rank}_seed_{run.seed}")
+        adapter = getattr(run, "adapter", "") or f"rank_{run.rank}_seed_{run.seed}"
+        save_adapter(network, self.study_dir / "adapters" / adapter)
         result: dict[str, Any] = {
             "run_id": member.run_id,
             "stage": "lora",
@@ -472,7 +477,6 @@ class FusedGroup:
             "run_dir": f"runs/{member.run_id}",
             "status": "ok",
             "error": "",
-            # `identity` comes with the resume work in sweep.plan; older PlannedRuns lack it.
             "identity": getattr(run, "identity", None),
         }
         fingerprint = getattr(datamodule, "fingerprint", None)
