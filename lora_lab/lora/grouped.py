@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lora_lab.lora.inject import lora_layers, set_submodule
-from lora_lab.lora.layers import LoRALayer, LoRALinear
+from lora_lab.lora.layers import LoRALinear
 
 
 class GroupingError(ValueError):
@@ -32,12 +33,14 @@ class GroupingError(ValueError):
 class GroupedLoRALinear(nn.Module):
     """K LoRA adapters on one frozen `nn.Linear`: `y_k = base(x) + s_k · B_k A_k drop_k(x)`.
 
-    Shared input `[B, in]` (nothing adapted upstream): the base output is computed once and the
-    K A factors run as one GEMM with A concatenated to `[Σr, in]`, split per adapter after.
-    Stacked input `[K, B, in]`: the base runs as one GEMM over all K·B rows, each adapter's
-    factors on its own slice. Ranks differ, so per-adapter GEMMs replace a zero-padded `bmm`:
-    padding every rank to the largest (64 in a 1…64 sweep) did ~3.5x the work and measured
-    ~1.5x slower per step on CPU. Dropout masks are drawn independently per adapter.
+    Shared input `[B, in]` (nothing adapted upstream): the base output is computed once, and
+    the K A factors run as one GEMM with A concatenated to `[Σr, in]`, split per adapter after.
+    Stacked input `[K, B, in]`: each adapter's merged weight `W + s_k B_k A_k` is formed (tiny
+    GEMMs) and one `bmm` computes all K outputs, whatever the ranks. That is the same function,
+    costs B·in·out per adapter instead of the base GEMM plus B·r·(in + out) for the factors, and
+    needs no padding of ranks to the largest (a zero-padded factor `bmm` did ~3.5x the work
+    of a 1…64 sweep and ran slower than per-adapter GEMMs). With dropout the factors must see
+    the dropped input, so they run per adapter, with masks drawn independently per adapter.
 
     Args:
         layers: The K adapters, all wrapping layers with the same weights. Their Parameters
@@ -193,8 +196,9 @@ def group_networks(networks: Sequence[nn.Module]) -> nn.Module:
     check_groupable(networks)
     template = copy.deepcopy(networks[0])
     for name, layer in lora_layers(template).items():
-        adapters = [network.get_submodule(name) for network in networks]
-        set_submodule(template, name, GroupedLoRALinear(adapters, base_layer=layer.base_layer))  # type: ignore[arg-type]
+        adapters = [cast(LoRALinear, network.get_submodule(name)) for network in networks]
+        base_layer = cast(nn.Linear, layer.base_layer)
+        set_submodule(template, name, GroupedLoRALinear(adapters, base_layer=base_layer))
     for param in template.parameters():
         param.requires_grad_(False)  # the copy's own A/B are gone; nothing here trains
     return template
@@ -213,13 +217,18 @@ def check_grouped(
         GroupingError: If the forward fails on stacked activations or the outputs differ.
     """
     generator = torch.Generator().manual_seed(0)
-    layers: list[LoRALayer] = [lay for net in networks for lay in lora_layers(net).values()]
-    saved = [layer.lora_B.weight.detach().clone() for layer in layers]  # type: ignore[union-attr]
+    layers = [
+        lay
+        for net in networks
+        for lay in lora_layers(net).values()
+        if isinstance(lay, LoRALinear)  # all of them, after check_groupable
+    ]
+    saved = [layer.lora_B.weight.detach().clone() for layer in layers]
     modes = [net.training for net in networks] + [grouped.training]
     try:
         with torch.no_grad():
             for layer in layers:
-                weight = layer.lora_B.weight  # type: ignore[union-attr]
+                weight = layer.lora_B.weight
                 # Unit-size updates whatever the scaling, so outputs stay comparable.
                 weight.copy_(torch.randn(weight.shape, generator=generator) * 0.1 / layer.scaling)
             grouped.eval()
@@ -242,7 +251,7 @@ def check_grouped(
     finally:
         with torch.no_grad():
             for layer, weight in zip(layers, saved, strict=True):
-                layer.lora_B.weight.copy_(weight)  # type: ignore[union-attr]
+                layer.lora_B.weight.copy_(weight)
         for net, mode in zip(networks, modes, strict=False):
             net.train(mode)
         grouped.train(modes[-1])

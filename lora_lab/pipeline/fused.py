@@ -311,7 +311,9 @@ class FusedGroup:
         self.datamodule.prepare_data()
         self.datamodule.setup("fit")
         self.grouped = group_networks([m.module.network for m in self.active])
-        probe = next(iter(self.datamodule.val_dataloader()))[0][:PROBE_SIZE]
+        # A probe of K rows could pass a [B, ...] input off as [K, B, ...]: avoid that size.
+        probe_rows = PROBE_SIZE + (len(self.members) == PROBE_SIZE)
+        probe = next(iter(self.datamodule.val_dataloader()))[0][:probe_rows]
         check_grouped(self.grouped, [m.module.network for m in self.active], probe)
         self.epochs = self.steps = 0
         self.seconds = 0.0

@@ -248,3 +248,13 @@ def test_a_diverging_adapter_fails_alone(tmp_path: Path):
     assert rows[0]["status"] == "ok" and math.isfinite(rows[0]["test_loss"])
     assert rows[1]["status"] == "failed" and "not finite" in rows[1]["error"]
     assert not (tmp_path / "study" / "adapters" / "rank_2_seed_0").exists()
+
+
+def test_convnet_adapters_behind_shared_convolutions_fuse(tmp_path: Path):
+    # all-linear wraps fc1, fc2 and head: the frozen convolutions run once for all adapters.
+    cfg = composed(tmp_path, "model=convnet", "sweep.ranks=[1,4]")
+    runs = lora_runs(cfg)
+    assert fused.fusable(runs) == ([runs], [])
+    group = fused.FusedGroup(runs, tmp_path / "study", base_weights(cfg, tmp_path))  # probe passes
+    assert type(group.grouped.conv1) is nn.Conv2d  # frozen, run once on the shared batch
+    assert isinstance(group.grouped.fc1, GroupedLoRALinear)
