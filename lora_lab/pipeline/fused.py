@@ -310,6 +310,8 @@ class FusedGroup:
         self.datamodule = instantiate(self.members[0].cfg.data)
         self.datamodule.prepare_data()
         self.datamodule.setup("fit")
+        for logger in (logger for member in self.members for logger in member.loggers):
+            logger.log_hyperparams(self.datamodule.hparams)  # hparams.yaml, as the Trainer writes
         self.grouped = group_networks([m.module.network for m in self.active])
         # A probe of K rows could pass a [B, ...] input off as [K, B, ...]: avoid that size.
         probe_rows = PROBE_SIZE + (len(self.members) == PROBE_SIZE)
