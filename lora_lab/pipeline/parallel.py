@@ -58,11 +58,34 @@ def threads_per_job(jobs: int, cores: int | None = None) -> int:
     return max(1, (cores or available_cores()) // max(1, jobs))
 
 
-def _init_worker(threads: int) -> None:
-    """Set up a fresh pool worker: its thread budget and Hydra's config resolvers."""
+def gpu_slices(gpus: Sequence[str], jobs: int) -> list[str] | None:
+    """Each pool worker's CUDA_VISIBLE_DEVICES: the GPUs dealt out round-robin, e.g. GPUs
+    0-3 and 2 jobs → "0,2" and "1,3" (so trainer=ddp trainer.devices=2 fits in each); None
+    (all visible, shared) when there are fewer GPUs than jobs."""
+    if jobs < 2 or len(gpus) < jobs:
+        return None
+    return [",".join(gpus[worker::jobs]) for worker in range(jobs)]
+
+
+def visible_gpus() -> list[str]:
+    """The CUDA device ids this process may use (none on a CPU-only machine)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [device.strip() for device in visible.split(",") if device.strip()]
+    return [str(index) for index in range(torch.cuda.device_count())]
+
+
+def _init_worker(threads: int, gpus: list[str] | None, counter: Any) -> None:
+    """Set up a fresh pool worker: its thread budget, its GPUs (the worker number, counted in
+    shared memory, picks a slice of `gpu_slices`) and Hydra's config resolvers."""
     from hydra.core.utils import setup_globals
 
     torch.set_num_threads(threads)
+    with counter.get_lock():
+        worker, counter.value = counter.value, counter.value + 1
+    if gpus:
+        # Before anything touches CUDA in this process, so it sees only its own devices.
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[worker % len(gpus)]
     # Run configs may still hold `${now:…}` (output_dir): its cached value travels with the
     # pickled config, but the resolver must be registered to read it.
     setup_globals()
@@ -97,7 +120,8 @@ def run_in_pool(
     Args:
         runs: Runs that need the pretrain checkpoint only, never each other.
         study_dir: The study folder.
-        jobs: Runs at a time (≥ 1); each gets `threads_per_job(jobs)` torch threads.
+        jobs: Runs at a time (≥ 1); each gets `threads_per_job(jobs)` torch threads and,
+            with at least `jobs` GPUs, its own share of them (`gpu_slices`).
         pretrained: The pretrain checkpoint the runs start from.
         on_start: Called with a run's position in `runs` just before it is submitted.
         on_crash: Called with a run's position and the error when its worker died; returns
@@ -111,12 +135,14 @@ def run_in_pool(
     # has (fork is not), and the same on Linux and macOS.
     context = multiprocessing.get_context("spawn")
 
+    gpus = gpu_slices(visible_gpus(), workers)
+
     def new_pool() -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
             max_workers=workers,
             mp_context=context,
             initializer=_init_worker,
-            initargs=(threads_per_job(jobs),),
+            initargs=(threads_per_job(jobs), gpus, context.Value("i", 0)),
         )
 
     waiting = deque(enumerate(runs))

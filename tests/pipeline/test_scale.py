@@ -24,6 +24,8 @@ from lora_lab.models import MLP, LoRAClassifierModule, load_network_weights
 from lora_lab.pipeline import plan, stage_config
 from lora_lab.pipeline.parallel import (
     REPLICAS_FILE,
+    _init_worker,
+    gpu_slices,
     run_in_pool,
     threads_per_job,
     trainable_digest,
@@ -131,6 +133,25 @@ def test_threads_per_job_splits_the_cores():
     assert threads_per_job(4, cores=2) == 1
 
 
+def test_pool_workers_get_disjoint_gpus(monkeypatch: pytest.MonkeyPatch):
+    assert gpu_slices(["0", "1", "2", "3"], 2) == ["0,2", "1,3"]
+    assert gpu_slices(["0", "1", "2", "3"], 4) == ["0", "1", "2", "3"]
+    assert gpu_slices(["0", "1"], 3) is None  # fewer GPUs than jobs: all shared
+    assert gpu_slices([], 2) is None and gpu_slices(["0", "1"], 1) is None
+    # What a worker does with its slice (run here: no GPU needed to set the variable).
+    import multiprocessing
+
+    counter = multiprocessing.get_context("spawn").Value("i", 1)  # the second worker
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    try:
+        _init_worker(1, ["0,2", "1,3"], counter)
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "1,3" and counter.value == 2
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _table(study: Path) -> pd.DataFrame:
     columns = ["run_id", "status", "test_acc", "test_loss", "trainable_params", "epochs"]
     return pd.read_csv(study / "results.csv")[columns].sort_values("run_id").reset_index(drop=True)
@@ -146,8 +167,19 @@ def test_parallel_sweep_writes_what_a_serial_sweep_writes(
         "sweep.learning_rates=[1e-3,1e30]",
     ]
     parallel = tmp_path / "parallel"
-    assert main(["sweep", *overrides, f"output_dir={parallel}", "sweep.jobs=2"]) == 1
-    err = capfd.readouterr().err
+    # The parent (pretrain here, every run in the serial sweep below) gets the thread count of
+    # a pool worker: CPU kernels sum in a thread-count-dependent order, and the comparison
+    # with the serial sweep is meant to be exact.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads_per_job(2))
+    try:
+        assert main(["sweep", *overrides, f"output_dir={parallel}", "sweep.jobs=2"]) == 1
+        err = capfd.readouterr().err
+        serial = tmp_path / "serial"
+        assert main(["sweep", *overrides, f"output_dir={serial}", "sweep.jobs=1"]) == 1
+        capfd.readouterr()
+    finally:
+        torch.set_num_threads(threads)
     assert "sweep.jobs=2: 5 run(s), up to 2 at a time" in err
     for number in range(1, 7):  # every run announced once, when it starts
         assert len(re.findall(rf"^\[{number}/6\] ", err, flags=re.M)) == 1, err
@@ -163,15 +195,11 @@ def test_parallel_sweep_writes_what_a_serial_sweep_writes(
     assert adapters == ["rank_1_seed_0_lr_0.001", "rank_2_seed_0_lr_0.001"]
     assert (parallel / "report.md").is_file() and (parallel / "accuracy_vs_rank.png").is_file()
     result = json.loads((parallel / "runs" / "lora_r1_a1_lr0.001_s0" / "result.json").read_text())
-    threads = threads_per_job(2)
-    assert result["environment"]["device"].endswith(f"{threads} threads)")
+    assert result["environment"]["device"].endswith(f"{threads_per_job(2)} threads)")
     assert not list(parallel.rglob("last.ckpt")), "finished runs keep no resume checkpoint"
 
     # The same study serially: the same rows, the same numbers.
-    serial = tmp_path / "serial"
-    assert main(["sweep", *overrides, f"output_dir={serial}", "sweep.jobs=1"]) == 1
-    capfd.readouterr()
-    pd.testing.assert_frame_equal(_table(parallel), _table(serial), rtol=1e-5)
+    pd.testing.assert_frame_equal(_table(parallel), _table(serial), check_exact=True)
 
     # sweep.jobs does not change a study's identity: a serial rerun of the parallel study
     # skips what finished and redoes only the failed runs.
