@@ -90,7 +90,8 @@ class LoRALayer(nn.Module):
         if self.merged:
             return
         weight = self.base_layer.weight
-        with torch.no_grad():
+        # An enclosing autocast region (bf16-mixed training) would run B@A in low precision.
+        with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
             original = weight.data
             merged = (original.float() + self.delta_weight()).to(original.dtype)
             self.premerge_weight = original

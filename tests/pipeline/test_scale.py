@@ -474,11 +474,6 @@ def test_bf16_mixed_sweep_end_to_end_keeps_fp32_adapters(tmp_path: Path, tiny_ov
     torch.testing.assert_close(network(inputs), unmerged, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lora/layers.py delta_weight: under an active autocast region B@A runs in bf16; "
-    "it needs `torch.autocast(device_type, enabled=False)` around the fp32 product",
-)
 def test_merge_inside_an_autocast_region_still_computes_in_fp32():
     def network() -> torch.nn.Module:
         torch.manual_seed(0)
