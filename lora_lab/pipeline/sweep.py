@@ -336,8 +336,16 @@ def run_sweep(cfg: DictConfig, study_dir: Path, command: str = "lora-lab sweep")
     skipped: list[str] = []
     jobs = sweep_jobs(cfg)
     pooled: list[int] = []  # with sweep.jobs > 1: the runs after pretrain, run in a pool below
+    fused: dict[str, dict[str, Any]] | None = None  # sweep.fused=true: run id -> fused result
     for index, run in enumerate(runs):
         run_dir = study_dir / "runs" / run.run_id
+        if fused is None and run.stage == "lora" and cfg.sweep.get("fused", False):
+            fused = _run_fused(runs[index:], study_dir, pretrained, env, failed)
+        if fused and run.run_id in fused:
+            if fused[run.run_id]["status"] != "ok":
+                failed.append(run.run_id)
+            progress.end(index)
+            continue
         if finished(run_dir, run.identity) and _artefact(study_dir, run).is_file():
             progress.skip(index)
             skipped.append(run.run_id)
@@ -372,6 +380,33 @@ def run_sweep(cfg: DictConfig, study_dir: Path, command: str = "lora-lab sweep")
             file=sys.stderr,
         )
     return {"results": frame, "failed": failed, "skipped": skipped}
+
+
+def _run_fused(
+    runs: Sequence[PlannedRun],
+    study_dir: Path,
+    pretrained: Path,
+    env: dict[str, Any],
+    failed: list[str],
+) -> dict[str, dict[str, Any]]:
+    """Train the unfinished LoRA runs among `runs` in fused groups (`lora_lab.pipeline.fused`);
+    runs it cannot fuse are named in one line and left to the sequential loop."""
+    from lora_lab.pipeline.fused import run_fused
+
+    if "pretrain" in failed:
+        return {}  # nothing to start from: the loop records the skipped runs
+    pending = [
+        run
+        for run in runs
+        if run.stage == "lora"
+        and not (
+            finished(study_dir / "runs" / run.run_id, run.identity)
+            and _artefact(study_dir, run).is_file()
+        )
+    ]
+    results, _sequential = run_fused(pending, study_dir, pretrained, env)
+    write_results_csv(study_dir)
+    return {result["run_id"]: result for result in results}
 
 
 def _begin(progress: Progress, index: int, run_dir: Path) -> None:
