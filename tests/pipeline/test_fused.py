@@ -21,7 +21,7 @@ from lora_lab.cli import CONF_DIR
 from lora_lab.data import clear_memory_cache
 from lora_lab.data.fakes import write_fake_mnist
 from lora_lab.lora import LoRAConfig, inject_lora, load_adapter, lora_layers
-from lora_lab.lora.grouped import GroupedLoRALinear, group_networks
+from lora_lab.lora.grouped import GroupedLoRALinear, cross_entropy_per_adapter, group_networks
 from lora_lab.models import MLP, save_network_weights
 from lora_lab.pipeline import fused
 from lora_lab.pipeline.sweep import PlannedRun, execute, plan
@@ -258,3 +258,14 @@ def test_convnet_adapters_behind_shared_convolutions_fuse(tmp_path: Path):
     group = fused.FusedGroup(runs, tmp_path / "study", base_weights(cfg, tmp_path))  # probe passes
     assert type(group.grouped.conv1) is nn.Conv2d  # frozen, run once on the shared batch
     assert isinstance(group.grouped.fc1, GroupedLoRALinear)
+
+
+def test_cross_entropy_of_all_adapters_at_once_is_each_ones_loss():
+    logits = torch.randn(3, 50, 10, requires_grad=True)
+    target = torch.randint(0, 10, (50,))
+    together = cross_entropy_per_adapter(logits, target)
+    alone = torch.stack([nn.functional.cross_entropy(out, target) for out in logits])
+    assert torch.allclose(together, alone, atol=1e-6)
+    (grad,) = torch.autograd.grad(together.sum(), logits)
+    (own,) = torch.autograd.grad(alone.sum(), logits)
+    assert torch.allclose(grad, own, atol=1e-6)
