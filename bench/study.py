@@ -39,45 +39,6 @@ def timed(cmd: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def fused_supported() -> bool:
-    """Whether this lora_lab's sweep knows `sweep.fused` (else `fused_driver` stands in)."""
-    from hydra import compose, initialize_config_dir
-
-    from lora_lab.cli import CONF_DIR
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return "fused" in compose(config_name="config").sweep
-
-
-def fused_driver(overrides: list[str]) -> None:
-    """`lora-lab sweep` with the LoRA runs fused, for a sweep.py that does not wire
-    `sweep.fused` yet: pretrain and full finetune as the sweep runs them, then `run_fused`."""
-    from hydra import compose, initialize_config_dir
-
-    from lora_lab.cli import CONF_DIR
-    from lora_lab.pipeline.environment import environment
-    from lora_lab.pipeline.fused import run_fused
-    from lora_lab.pipeline.results import write_results_csv
-    from lora_lab.pipeline.stages import stage_config
-    from lora_lab.pipeline.sweep import execute, finish_report, plan
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    study, env, runs = Path(cfg.output_dir), environment(), plan(cfg)
-    pretrained = study / "checkpoints" / "pretrain.safetensors"
-    for run in runs:
-        if run.stage != "lora":
-            kwargs = {"pretrained": pretrained} if run.stage != "pretrain" else {}
-            target = {"target_data": stage_config(cfg, "lora").data} if not kwargs else {}
-            execute(run, study, env, **kwargs, **target)
-            write_results_csv(study)
-    _, left = run_fused([r for r in runs if r.stage == "lora"], study, pretrained, env)
-    for run in left:
-        execute(run, study, env, pretrained=pretrained)
-    write_results_csv(study)
-    finish_report(study)
-
-
 def lora_stage_seconds(study: Path) -> float:
     """From the full-finetune result to the last LoRA result written (file times)."""
     start = (study / "runs" / "full_finetune" / "result.json").stat().st_mtime
@@ -116,13 +77,7 @@ def main() -> None:
             f"data.cache_dir={tmp_path / 'cache'}",
         ]
         cli = [sys.executable, "-m", "lora_lab.cli", "sweep", *study_args]
-        if fused_supported():
-            fused_cmd = [*cli, "sweep.fused=true"]
-        else:
-            print(
-                "sweep.fused is not wired into sweep.py yet: bench/study.py drives the fused study"
-            )
-            fused_cmd = [sys.executable, __file__, "--fused-driver", *study_args]
+        fused_cmd = [*cli, "sweep.fused=true"]
 
         def run(cmd: list[str], out: Path, run_seeds: list[str]) -> float:
             return timed([*cmd, f"output_dir={out}", f"sweep.seeds=[{','.join(run_seeds)}]"])
@@ -224,7 +179,4 @@ def report(
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--fused-driver"]:
-        fused_driver(sys.argv[2:])
-    else:
-        main()
+    main()
