@@ -41,6 +41,7 @@ _STUDY_FREE = {
     "sweep.seeds",
     "sweep.restart",
     "sweep.jobs",
+    "sweep.fused",  # fused or not, a run's result is the same (see pipeline.fused)
 }
 
 

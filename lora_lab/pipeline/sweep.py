@@ -405,6 +405,9 @@ def _run_fused(
         )
     ]
     results, _sequential = run_fused(pending, study_dir, pretrained, env)
+    for result in results:  # as `execute` does: a stale resume checkpoint has no use now
+        if result["status"] == "ok":
+            (study_dir / result["run_dir"] / CHECKPOINT_FILE).unlink(missing_ok=True)
     write_results_csv(study_dir)
     return {result["run_id"]: result for result in results}
 
