@@ -113,10 +113,22 @@ class ClassifierModule(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         loss_sum, correct, count = self._train_sums.tolist()
-        if count:
-            self.log("train_loss", loss_sum / count)
-            if self.metrics:  # classification
-                self.log("train_acc", correct / count)
+        if not count:
+            return
+        epoch_metrics = {"train_loss": loss_sum / count}
+        if self.metrics:  # classification
+            epoch_metrics["train_acc"] = correct / count
+        # Progress bar and callback_metrics only: the row goes to the loggers here, and is on
+        # disk, before the resume checkpoint of this epoch is saved (Lightning calls this hook
+        # before ModelCheckpoint's, but logs `self.log` epoch values only after it), so a run
+        # killed between the two cannot lose the epoch's row from metrics.csv.
+        for name, value in epoch_metrics.items():
+            self.log(name, value, logger=False)
+        for logger in self.loggers:
+            logger.log_metrics(
+                {**epoch_metrics, "epoch": self.current_epoch}, step=self.global_step - 1
+            )
+            logger.save()
 
     def _eval_step(self, batch: Sequence[torch.Tensor], split: str) -> None:
         inputs, target = batch

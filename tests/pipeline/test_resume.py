@@ -281,6 +281,33 @@ def test_sigkill_then_rerun_completes_with_the_uninterrupted_results(tmp_path):
     assert train_epochs == list(range(30)), "epochs before the kill stay in the log, once each"
 
 
+def test_every_resume_checkpoint_finds_its_epochs_rows_already_on_disk(tmp_path, monkeypatch):
+    """A kill just after a checkpoint is saved must not lose that epoch's row from the log:
+    the resumed run only logs the epochs after the checkpoint."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lora_lab.pipeline import stages
+
+    seen: list[tuple[int, list[int]]] = []
+
+    class Recording(ModelCheckpoint):
+        def _save_checkpoint(self, trainer, filepath):
+            super()._save_checkpoint(trainer, filepath)
+            path = Path(trainer.default_root_dir) / "logs" / "metrics.csv"
+            log = pd.read_csv(path) if path.is_file() else pd.DataFrame()
+            trained = log.dropna(subset=["train_loss"]) if "train_loss" in log else log
+            logged = sorted(trained.epoch.astype(int).tolist()) if len(trained) else []
+            seen.append((trainer.current_epoch, logged))
+
+    monkeypatch.setattr(stages, "ModelCheckpoint", Recording)
+    args = [*tiny_study_overrides(tmp_path), f"output_dir={tmp_path / 'study'}"]
+    assert main(["sweep", *args, "sweep.ranks=[1]", "stages.lora.max_epochs=3"]) == 0
+    lora_saves = seen[2:]  # after pretrain's and full finetune's single epoch
+    assert [epoch for epoch, _ in lora_saves] == [0, 1, 2]
+    for epoch, logged in lora_saves:
+        assert logged == list(range(epoch + 1)), f"checkpoint of epoch {epoch} saw rows {logged}"
+
+
 def test_resume_ignores_a_checkpoint_from_another_config(tmp_path):
     from lora_lab.pipeline.resume import resume_checkpoint
 
