@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 LORA_LAB := $(VENV)/bin/lora-lab
+INTEROP := $(VENV)/interop
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 # Extra Hydra overrides for `make sweep`, e.g. make sweep ARGS="sweep.ranks=[1,8] trainer.max_epochs=2"
 ARGS ?=
@@ -22,6 +23,15 @@ $(VENV)/.installed: pyproject.toml
 	# The CPU/CUDA torch pair that lies on this machine's disk; other pairings break torchvision.
 	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -e '.[dev]'
+	# PEFT (for the interop tests and bench/lora_layers.py) goes into a venv of its own that
+	# sees this one's packages through a .pth file, so pip adds only what PEFT needs beyond
+	# them: transformers on the main path would cost every command ~1.3 s of imports
+	# (lora_lab/interop.py explains).
+	$(PY) -m venv $(INTEROP)
+	$(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))' \
+	  > "$$($(INTEROP)/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/lora_lab_main.pth"
+	$(INTEROP)/bin/python -m pip install $$($(PY) -c 'import tomllib; \
+	  print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["interop"])')
 	touch $@
 
 data:  ## install Debian's Fashion-MNIST (the offline default dataset) if it is missing

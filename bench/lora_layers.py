@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
+from lora_lab.interop import import_peft  # noqa: E402
 from lora_lab.lora import LoRAConfig, inject_lora, lora_parameters, unload_lora  # noqa: E402
 
 RANK, ALPHA = 8, 16
@@ -68,7 +69,7 @@ def with_lora_lab(model: nn.Module) -> tuple[nn.Module, list[nn.Parameter]]:
 
 
 def with_peft(model: nn.Module) -> tuple[nn.Module, list[nn.Parameter]]:
-    import peft
+    peft = import_peft()
 
     config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=linear_names(model))
     wrapped = peft.get_peft_model(model, config)
@@ -176,7 +177,7 @@ def prepare(case: str, model: nn.Module) -> tuple[nn.Module, list[nn.Parameter]]
 
 def run_memory_case(case: str) -> None:
     """Child process: train a few Adam steps and print peak RSS growth over the import baseline."""
-    import peft  # noqa: F401  # every case imports the same libraries before the baseline
+    import_peft()  # every case imports the same libraries before the baseline
 
     # One step on a tiny model first, so lazily paged-in library code and allocator set-up land
     # in the baseline of every case alike instead of being counted as training memory.

@@ -12,9 +12,12 @@ from lora_testkit import make_input, make_model
 from safetensors.torch import load_file
 from torch import nn
 
+from lora_lab.interop import import_peft
 from lora_lab.lora import LoRAConfig, inject_lora, load_adapter, lora_parameters, save_adapter
 
-peft = pytest.importorskip("peft")
+# Not skipped when missing: `make setup` installs PEFT (into the interop venv, see
+# lora_lab.interop), so a missing PEFT is a broken setup.
+peft = import_peft()
 
 # (model kind, lora_lab config); PEFT gets the equivalent LoraConfig.
 CASES = [
