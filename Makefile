@@ -23,15 +23,17 @@ $(VENV)/.installed: pyproject.toml
 	# The CPU/CUDA torch pair that lies on this machine's disk; other pairings break torchvision.
 	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -e '.[dev]'
-	# PEFT (for the interop tests and bench/lora_layers.py) goes into a venv of its own that
-	# sees this one's packages through a .pth file, so pip adds only what PEFT needs beyond
-	# them: transformers on the main path would cost every command ~1.3 s of imports
-	# (lora_lab/interop.py explains).
+	# PEFT (for the interop tests and bench/lora_layers.py) and the Ray launcher go into a venv
+	# of their own, .venv/interop, which sees this one's packages (a .pth file adds its site
+	# dir after its own), so pip adds only what they need beyond them. On the main path,
+	# transformers would cost every command ~1.3 s of imports, and the Ray launcher's
+	# cloudpickle<3 would break the joblib launcher (lora_lab/interop.py explains).
 	$(PY) -m venv $(INTEROP)
-	$(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))' \
+	echo "import site; site.addsitedir('$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')')" \
 	  > "$$($(INTEROP)/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/lora_lab_main.pth"
 	$(INTEROP)/bin/python -m pip install $$($(PY) -c 'import tomllib; \
-	  print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["interop"])')
+	  extras = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]; \
+	  print(*extras["interop"], *extras["ray"])')
 	touch $@
 
 data:  ## install Debian's Fashion-MNIST (the offline default dataset) if it is missing

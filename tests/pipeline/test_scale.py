@@ -7,6 +7,7 @@ import json
 import os
 import re
 import stat
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from lora_lab.cli import CONF_DIR, main
+from lora_lab.interop import interop_python
 from lora_lab.lora import LoRAConfig, inject_lora, load_adapter, lora_layers, merge_lora
 from lora_lab.models import MLP, LoRAClassifierModule, load_network_weights
 from lora_lab.pipeline import plan, stage_config
@@ -31,6 +33,8 @@ from lora_lab.pipeline.parallel import (
     trainable_digest,
 )
 from lora_lab.pipeline.sweep import PlannedRun
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def composed(*overrides: str, hydra: bool = False) -> Any:
@@ -366,22 +370,43 @@ def test_slurm_launcher_end_to_end_with_jobs_run_locally(
     assert sorted(table["rank"]) == [1, 2] and (table.status == "ok").all()
 
 
+def _in_interop(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    """Run Python in the interop venv, where the Ray launcher lives (see lora_lab.interop)."""
+    return subprocess.run(
+        [str(interop_python()), *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout
+    )
+
+
 def test_ray_launcher_composes_and_instantiates():
-    pytest.importorskip("hydra_plugins.hydra_ray_launcher", exc_type=ImportError)
-    cfg = composed("hydra/launcher=ray_cluster", hydra=True)
-    launcher = instantiate(cfg.hydra.launcher)
-    assert _class_path(launcher) == "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher"
-    assert cfg.hydra.launcher.ray.remote.num_cpus == 1
-    assert cfg.hydra.launcher.ray.init.address is None  # a local Ray unless told otherwise
+    code = f"""
+import json
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+with initialize_config_dir(config_dir={str(CONF_DIR)!r}, version_base="1.3"):
+    cfg = compose("config", overrides=["hydra/launcher=ray_cluster"], return_hydra_config=True)
+launcher = instantiate(cfg.hydra.launcher)
+print(json.dumps({{
+    "class": f"{{type(launcher).__module__}}.{{type(launcher).__qualname__}}",
+    "num_cpus": cfg.hydra.launcher.ray.remote.num_cpus,
+    "address": cfg.hydra.launcher.ray.init.address,
+}}))
+"""
+    done = _in_interop("-c", code)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["class"] == "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher"
+    assert got["num_cpus"] == 1
+    assert got["address"] is None  # a local Ray unless told otherwise
 
 
 @pytest.mark.slow
 def test_ray_launcher_runs_a_sweep_on_a_local_ray(pretrained, tmp_path: Path):
-    pytest.importorskip("hydra_plugins.hydra_ray_launcher", exc_type=ImportError)
     ckpt, overrides = pretrained
     sweep_dir = tmp_path / "ray"
-    args = ["train", "-m", "hydra/launcher=ray_cluster", "stage=lora", "lora.rank=1,2"]
-    assert main([*args, f"pretrain_ckpt={ckpt}", f"output_dir={sweep_dir}", *overrides]) == 0
+    args = ["-m", "lora_lab.cli", "train", "-m", "hydra/launcher=ray_cluster", "stage=lora"]
+    args += ["lora.rank=1,2", f"pretrain_ckpt={ckpt}", f"output_dir={sweep_dir}", *overrides]
+    done = _in_interop(*args, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
     assert main(["report", str(sweep_dir)]) == 0
     table = pd.read_csv(sweep_dir / "results.csv")
     assert sorted(table["rank"]) == [1, 2] and (table.status == "ok").all()
