@@ -29,6 +29,7 @@ examples:
   lora-lab sweep sweep.ranks=[1,4,16] trainer.max_epochs=3 output_dir=outputs/quick
   lora-lab sweep experiment=fashion_mnist_task_shift sweep.seeds=[0,1,2]
   lora-lab sweep data=cifar10 model=convnet data.root=~/data   # CIFAR-10 files on disk
+  lora-lab sweep sweep.fused=true                  # every LoRA rank trained in one pass
   lora-lab sweep sweep.jobs=2 sweep.alphas=[1,16]  # 2 runs at a time; a rank × alpha grid
   lora-lab sweep trainer=ddp trainer.devices=2     # each run data-parallel on 2 devices
   lora-lab train stage=pretrain output_dir=outputs/base
