@@ -4,7 +4,6 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 LORA_LAB := $(VENV)/bin/lora-lab
-INTEROP := $(VENV)/interop
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 # Extra Hydra overrides for `make sweep`, e.g. make sweep ARGS="sweep.ranks=[1,8] trainer.max_epochs=2"
 ARGS ?=
@@ -17,23 +16,29 @@ help:  ## list the targets
 
 setup: $(VENV)/.installed data  ## create .venv, install torch, lora_lab[dev] and the offline Fashion-MNIST
 
+# $(call side_venv,DIR,EXTRA): a venv in DIR that also sees .venv's packages, with the
+# requirements of pyproject's optional-dependencies EXTRA installed into it.
+define side_venv
+	$(PY) -m venv $(1)
+	echo "import site; site.addsitedir('$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')')" \
+	  > "$$($(1)/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/lora_lab_main.pth"
+	$(1)/bin/python -m pip install $$($(PY) -c 'import tomllib; \
+	  print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["$(2)"])')
+endef
+
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	# The CPU/CUDA torch pair that lies on this machine's disk; other pairings break torchvision.
 	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -e '.[dev]'
-	# PEFT (for the interop tests and bench/lora_layers.py) and the Ray launcher go into a venv
-	# of their own, .venv/interop, which sees this one's packages (a .pth file adds its site
-	# dir after its own), so pip adds only what they need beyond them. On the main path,
-	# transformers would cost every command ~1.3 s of imports, and the Ray launcher's
-	# cloudpickle<3 would break the joblib launcher (lora_lab/interop.py explains).
-	$(PY) -m venv $(INTEROP)
-	echo "import site; site.addsitedir('$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')')" \
-	  > "$$($(INTEROP)/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/lora_lab_main.pth"
-	$(INTEROP)/bin/python -m pip install $$($(PY) -c 'import tomllib; \
-	  extras = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]; \
-	  print(*extras["interop"], *extras["ray"])')
+	# Side venvs that see this one's packages (a .pth file adds its site dir after their own),
+	# so pip adds only what they need beyond them (lora_lab/interop.py explains):
+	# PEFT for the interop tests and bench/lora_layers.py (its transformers, on the main path,
+	# would cost every command ~1.3 s of imports), and the Ray launcher (its cloudpickle<3
+	# breaks the joblib launcher's cloudpickle>=3).
+	$(call side_venv,$(VENV)/interop,interop)
+	$(call side_venv,$(VENV)/ray,ray)
 	touch $@
 
 data:  ## install Debian's Fashion-MNIST (the offline default dataset) if it is missing

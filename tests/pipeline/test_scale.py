@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from lora_lab.cli import CONF_DIR, main
-from lora_lab.interop import interop_python
+from lora_lab.interop import side_python
 from lora_lab.lora import LoRAConfig, inject_lora, load_adapter, lora_layers, merge_lora
 from lora_lab.models import MLP, LoRAClassifierModule, load_network_weights
 from lora_lab.pipeline import plan, stage_config
@@ -370,10 +370,10 @@ def test_slurm_launcher_end_to_end_with_jobs_run_locally(
     assert sorted(table["rank"]) == [1, 2] and (table.status == "ok").all()
 
 
-def _in_interop(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    """Run Python in the interop venv, where the Ray launcher lives (see lora_lab.interop)."""
+def _in_ray_venv(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    """Run Python in the side venv where the Ray launcher lives (see lora_lab.interop)."""
     return subprocess.run(
-        [str(interop_python()), *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout
+        [str(side_python("ray")), *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout
     )
 
 
@@ -391,7 +391,7 @@ print(json.dumps({{
     "address": cfg.hydra.launcher.ray.init.address,
 }}))
 """
-    done = _in_interop("-c", code)
+    done = _in_ray_venv("-c", code)
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got["class"] == "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher"
@@ -405,7 +405,7 @@ def test_ray_launcher_runs_a_sweep_on_a_local_ray(pretrained, tmp_path: Path):
     sweep_dir = tmp_path / "ray"
     args = ["-m", "lora_lab.cli", "train", "-m", "hydra/launcher=ray_cluster", "stage=lora"]
     args += ["lora.rank=1,2", f"pretrain_ckpt={ckpt}", f"output_dir={sweep_dir}", *overrides]
-    done = _in_interop(*args, timeout=900)
+    done = _in_ray_venv(*args, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert main(["report", str(sweep_dir)]) == 0
     table = pd.read_csv(sweep_dir / "results.csv")
