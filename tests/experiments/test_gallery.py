@@ -59,7 +59,7 @@ def test_one_gallery_study_regenerates(tmp_path: Path):
         "data.d_out=100",
         "data.batch_size=256",
         "module.optimizer.lr=20",
-        "stages.lora.max_epochs=10",
+        "stages.lora.max_epochs=30",
         "stages.pretrain.max_epochs=10",
         "stages.full_finetune.max_epochs=10",
     ]
