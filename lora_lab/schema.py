@@ -23,6 +23,20 @@ RESULT_COLUMNS: tuple[str, ...] = (
     "status",
     "error",
 )
+#: Numeric columns (empty cells read as NaN); the others are text.
+NUMERIC_COLUMNS: tuple[str, ...] = (
+    "rank",
+    "alpha",
+    "seed",
+    "learning_rate",
+    "trainable_params",
+    "total_params",
+    "test_acc",
+    "test_loss",
+    "source_test_acc",
+    "train_seconds",
+    "epochs",
+)
 #: Integer columns, kept as integers next to empty cells (pretrain rows have no rank).
 INTEGER_COLUMNS: tuple[str, ...] = ("rank", "seed", "trainable_params", "total_params", "epochs")
 STAGE_ORDER: tuple[str, ...] = ("pretrain", "full_finetune", "lora")

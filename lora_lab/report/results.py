@@ -14,24 +14,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from lora_lab.schema import RESULT_COLUMNS, STAGE_ORDER
+from lora_lab.schema import NUMERIC_COLUMNS, RESULT_COLUMNS, STAGE_ORDER
 
 logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS: tuple[str, ...] = RESULT_COLUMNS
-NUMERIC_COLUMNS: tuple[str, ...] = (
-    "rank",
-    "alpha",
-    "seed",
-    "learning_rate",
-    "trainable_params",
-    "total_params",
-    "test_acc",
-    "test_loss",
-    "source_test_acc",
-    "train_seconds",
-    "epochs",
-)
 TEXT_COLUMNS: tuple[str, ...] = tuple(c for c in REQUIRED_COLUMNS if c not in NUMERIC_COLUMNS)
 #: Added by :func:`normalize_results`; not part of the file, never shown as an extra column.
 DERIVED_COLUMNS: tuple[str, ...] = ("alpha_per_rank",)
