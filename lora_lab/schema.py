@@ -20,9 +20,13 @@ RESULT_COLUMNS: tuple[str, ...] = (
     "train_seconds",
     "epochs",
     "run_dir",
+    "pass",
     "status",
     "error",
 )
+#: Columns added after the first studies were written: a table without them still reads,
+#: with the column empty.
+OPTIONAL_COLUMNS: tuple[str, ...] = ("pass",)
 #: Numeric columns (empty cells read as NaN); the others are text.
 NUMERIC_COLUMNS: tuple[str, ...] = (
     "rank",

@@ -204,7 +204,10 @@ def group_networks(networks: Sequence[nn.Module]) -> nn.Module:
         GroupingError: See `check_groupable`.
     """
     check_groupable(networks)
-    template = copy.deepcopy(networks[0])
+    # The copy shares the first network's frozen tensors (and so their device) instead of
+    # holding its own.
+    memo = {id(tensor): tensor for tensor in _frozen_tensors(networks[0]).values()}
+    template = copy.deepcopy(networks[0], memo)
     for name, layer in lora_layers(template).items():
         adapters = [cast(LoRALinear, network.get_submodule(name)) for network in networks]
         base_layer = cast(nn.Linear, layer.base_layer)
@@ -212,6 +215,34 @@ def group_networks(networks: Sequence[nn.Module]) -> nn.Module:
     for param in template.parameters():
         param.requires_grad_(False)  # the copy's own A/B are gone; nothing here trains
     return template
+
+
+def share_frozen(networks: Sequence[nn.Module]) -> None:
+    """Make the networks hold the first one's frozen parameters and buffers, in place.
+
+    After it the K networks keep one copy of the frozen weights between them (each still
+    owns its adapters), so a group of K runs costs one frozen network in memory.
+
+    Raises:
+        GroupingError: See `check_groupable` (nothing is changed then).
+    """
+    check_groupable(networks)
+    first = networks[0]
+    adapters = {
+        id(p)
+        for network in networks
+        for layer in lora_layers(network).values()
+        for p in layer.adapter_parameters()
+    }
+    for network in networks[1:]:
+        for name, module in network.named_modules():
+            source = first.get_submodule(name)
+            for key, param in module._parameters.items():
+                if param is not None and id(param) not in adapters:
+                    module._parameters[key] = source._parameters[key]
+            for key, buffer in module._buffers.items():
+                if buffer is not None:
+                    module._buffers[key] = source._buffers[key]
 
 
 def check_grouped(

@@ -1,55 +1,75 @@
-"""Fused rank sweep (`sweep.fused=true`): the LoRA runs that differ only in rank, alpha and
-seed train together, in one pass over the data.
+"""Fused runner (`sweep.fused=true`, the default): the LoRA runs that share a frozen network
+and the data train together, in one pass over the data, as one `FusedLoRAModule` under the
+stock Lightning `Trainer`.
 
-What is shared: each batch is read once, and the frozen network runs once up to the first
-adapted layer (`lora.grouped`); every adapter then has its own activations, stacked
-`[K, B, ...]`. The loss is the sum of the per-adapter losses, so each adapter gets exactly the
-gradient it would get alone; each keeps its own optimizer and scheduler (ReduceLROnPlateau
-steps on its own `val_loss`); dropout masks are independent per adapter.
+What makes a group: equal resolved `data`, `model`, `module` and `trainer` configs, apart
+from what each adapter owns: `lora.rank`, `lora.alpha`, `lora.use_rslora`, `lora.init`,
+`lora.dropout` and the optimizer and scheduler (`module.optimizer.lr` above all). The seed is
+free, but `data.seed` follows it (it draws the validation split and the batch order), so runs
+of different seeds form separate groups, each seeing exactly the data its sequential runs see;
+fix `data.seed` to fuse across seeds. Each member is built exactly as `run_stage` builds it
+(seeded by its run's seed), so with dropout off a fused adapter equals its sequential one up
+to float rounding.
 
-What makes a group: equal resolved `data`, `model`, `module`, `trainer` and `lora` configs
-apart from `lora.rank` / `lora.alpha`. The seed is free, but `data.seed` follows it (it draws
-the validation split and the batch order), so runs of different seeds form separate groups,
-each seeing exactly the data its sequential runs see; fix `data.seed` to fuse across seeds.
-Each adapter is built exactly as `run_stage` builds it (seeded by its run's seed), so with
-dropout off a fused adapter equals its sequential one up to float rounding.
-
-Outputs are those of a sequential sweep: per run `runs/<run_id>/result.json` (same columns;
-`train_seconds` is the group's time divided by its size), `runs/<run_id>/logs/metrics.csv`
-from the run's configured loggers, and `adapters/rank_<r>_seed_<s>/`.
-
-This module decides which runs fuse and runs the groups; the training loop itself (one
-forward pass per batch, per-member optimizer steps, testing and recording) is in
-`pipeline.fused_training`.
+A group is one training pass, named `fused_<hash>` in the `pass` column of its rows. The pass
+saves `passes/<pass>/last.ckpt` at every epoch end; an interrupted pass resumes from it.
+Outputs are those of a sequential sweep: per run `runs/<run_id>/result.json`,
+`runs/<run_id>/logs/metrics.csv` from the run's configured loggers, and its adapter.
 """
 
 from __future__ import annotations
 
+import copy
+import ctypes
+import ctypes.util
+import hashlib
 import itertools
+import math
 import sys
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import lightning as L
+import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lora_lab.lora import LoRAConfig, inject_lora
-from lora_lab.lora.grouped import GroupingError, check_groupable
-from lora_lab.pipeline.fused_training import FusedGroup
+from lora_lab.lora import LoRAConfig, inject_lora, save_adapter
+from lora_lab.lora.grouped import GroupingError, check_groupable, check_grouped
+from lora_lab.models import ClassifierModule
+from lora_lab.models.fused import FusedLoRAModule
+from lora_lab.pipeline.plan import PlannedRun
+from lora_lab.pipeline.record import failed_result, record
+from lora_lab.pipeline.resume import CHECKPOINT_FILE
+from lora_lab.pipeline.stages import (
+    FinishedEpochs,
+    adapter_name_for,
+    build_module,
+    epoch_checkpoint,
+    log_before,
+    prepend_log,
+    result_row,
+    resume_point,
+    run_id_for,
+    single_device_trainer,
+    test_fields,
+)
 
-if TYPE_CHECKING:
-    from lora_lab.pipeline.sweep import PlannedRun
-
-# Trainer options the fused loop reproduces (max_epochs, limit_*), or that change nothing it
-# computes. Any other option set in the config (gradient clipping, accumulation, callbacks, ...)
-# keeps the runs sequential.
-TRAINER_KEYS = {
-    "_target_", "accelerator", "devices", "max_epochs", "deterministic", "precision",
-    "enable_checkpointing", "enable_model_summary", "enable_progress_bar",
-    "num_sanity_val_steps", "log_every_n_steps",
-    "limit_train_batches", "limit_val_batches", "limit_test_batches",
-}  # fmt: skip
+PROBE_SIZE = 16
+PASSES = "passes"
+# What each member owns: these may differ within a group.
+OWN_LORA_KEYS = ("rank", "alpha", "use_rslora", "init", "dropout")
+OWN_MODULE_KEYS = ("optimizer", "scheduler")
+# Trainer options that manual optimization (one optimizer per member) cannot honour.
+UNSUPPORTED_TRAINER = {
+    "gradient_clip_val": "Lightning clips gradients only under automatic optimization",
+    "accumulate_grad_batches": "Lightning accumulates gradients only under automatic optimization",
+    "max_steps": "a fused pass counts one optimizer step per member, so max_steps would end it early",
+}
 
 
 def _say(message: str) -> None:
@@ -62,8 +82,9 @@ def _plain(node: Any) -> Any:
 
 def _fusion_key(run_cfg: DictConfig) -> dict[str, Any]:
     """Everything that must be equal for runs to share one pass."""
-    key = {group: _plain(run_cfg[group]) for group in ("data", "model", "module", "trainer")}
-    key["lora"] = {k: v for k, v in _plain(run_cfg.lora).items() if k not in ("rank", "alpha")}
+    key = {group: _plain(run_cfg[group]) for group in ("data", "model", "trainer")}
+    key["module"] = {k: v for k, v in _plain(run_cfg.module).items() if k not in OWN_MODULE_KEYS}
+    key["lora"] = {k: v for k, v in _plain(run_cfg.lora).items() if k not in OWN_LORA_KEYS}
     return key
 
 
@@ -85,13 +106,11 @@ def _differences(key: dict[str, Any], other: dict[str, Any]) -> list[str]:
 def _unsupported(run_cfg: DictConfig) -> str | None:
     """Why runs with this config cannot be fused, or None if they can."""
     trainer = _plain(run_cfg.trainer)
-    extra = sorted(k for k, v in trainer.items() if k not in TRAINER_KEYS and v is not None)
-    if extra:
-        return f"trainer.{extra[0]}={trainer[extra[0]]!r} is not supported by fused training"
-    if str(trainer.get("precision", "32-true")) not in ("32-true", "32"):
-        return f"trainer.precision={trainer['precision']!r}: fused training runs in float32 only"
-    if trainer.get("accelerator", "cpu") != "cpu":
-        return "fused training runs on the CPU only (trainer.accelerator=cpu)"
+    allowed = {"gradient_clip_val": (None, 0), "accumulate_grad_batches": (None, 1)}
+    allowed["max_steps"] = (None, -1)
+    for key, why in UNSUPPORTED_TRAINER.items():
+        if trainer.get(key) not in allowed[key]:
+            return f"trainer.{key}={trainer[key]!r}: {why}"
     network = instantiate(run_cfg.model)
     inject_lora(network, LoRAConfig(**_plain(run_cfg.lora)))
     try:
@@ -127,17 +146,7 @@ def fusable(
     groups: list[list[PlannedRun]] = []
     for key, members in buckets:
         if len(members) == 1:
-            others = [other for other, group in buckets if group is not members]
-            if not others:
-                alone.append((members[0], "no other run to fuse with"))
-                continue
-            differ = min((_differences(key, other) for other in others), key=len)
-            why = (
-                " (each seed draws its own split and batch order)"
-                if differ == ["data.seed"]
-                else ""
-            )
-            alone.append((members[0], f"its {', '.join(differ)} differ from the other runs'{why}"))
+            alone.append((members[0], _why_alone(key, members, buckets)))
             continue
         reason = _unsupported(members[0].cfg)
         if reason is None:
@@ -145,6 +154,19 @@ def fusable(
         else:
             alone.extend((member, reason) for member in members)
     return groups, alone
+
+
+def _why_alone(
+    key: dict[str, Any],
+    members: list[PlannedRun],
+    buckets: list[tuple[dict[str, Any], list[PlannedRun]]],
+) -> str:
+    others = [other for other, group in buckets if group is not members]
+    if not others:
+        return "no other run to fuse with"
+    differ = min((_differences(key, other) for other in others), key=len)
+    why = " (each seed draws its own split and batch order)" if differ == ["data.seed"] else ""
+    return f"its {', '.join(differ)} differ from the other runs'{why}"
 
 
 def describe(runs: Sequence[PlannedRun]) -> str:
@@ -163,7 +185,7 @@ def run_fused(
 
     Returns:
         The result rows of the fused runs (already recorded), and the runs left to run
-        sequentially (not fusable, or in a group that failed to build or train), in plan order.
+        sequentially (not fusable, or in a group that failed to build), in plan order.
     """
     groups, alone = fusable(runs)
     for reason, items in itertools.groupby(alone, key=lambda item: item[1]):
@@ -176,18 +198,127 @@ def run_fused(
         _say(f"fused: {describe(group)}: {len(group)} runs train in one pass")
         try:
             results += run_fused_group(group, study_dir, pretrained, env)
-        except Exception as error:  # never lose the runs: they go the sequential way
-            text = " ".join(str(error).split()) or type(error).__name__
-            _say(f"not fused: {describe(group)}: {text}; they run one after another")
+        except GroupingError as error:  # the networks do not fuse: the sequential way
+            _say(f"not fused: {describe(group)}: {error}; they run one after another")
             sequential += group
     order = {id(run): index for index, run in enumerate(runs)}
     return results, sorted(sequential, key=lambda run: order[id(run)])
 
 
+@dataclass
+class Member:
+    """One run of a fused pass: its per-run config, module (network + adapter) and loggers."""
+
+    run: PlannedRun
+    cfg: DictConfig
+    module: ClassifierModule
+    loggers: list[Any]
+
+    @classmethod
+    def build(cls, run: PlannedRun, study_dir: Path, pretrained: Path) -> Member:
+        """Build the run's module exactly as `run_stage` does, so it starts from the same init."""
+        run_cfg = copy.deepcopy(run.cfg)
+        # A bare PlannedRun (tests) gets run_stage's default names.
+        run.run_id = run.run_id or run_id_for("lora", run.rank, float(run_cfg.lora.alpha), run.seed)
+        run.adapter = run.adapter or adapter_name_for(int(run.rank or 0), run.seed)
+        run_dir = study_dir / "runs" / run.run_id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open_dict(run_cfg):
+            run_cfg.run_id, run_cfg.run_dir = run.run_id, str(run_dir)
+        L.seed_everything(int(run_cfg.seed), workers=True, verbose=False)
+        instantiate(run_cfg.data)  # run_stage builds the data first; keep the RNG in step
+        module = build_module(run_cfg, instantiate(run_cfg.model), pretrained)
+        loggers = [instantiate(c) for c in run_cfg.logger.values()] if run_cfg.get("logger") else []
+        return cls(run, run_cfg, module, loggers)
+
+
+def pass_identity(group: Sequence[PlannedRun]) -> str:
+    """A hash of the members' identities, in order: a checkpoint fits only the same pass."""
+    text = "\n".join(f"{run.run_id}:{run.identity}" for run in group)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class ThreadChooser(Callback):
+    """Picks intra-op threads for the training steps of a CPU pass: torch's count, or one.
+
+    On a small machine shared with other jobs, a fused step (hundreds of small ops) ran 3-20x
+    slower with two threads whenever another process held the second core, since every op
+    waits at the thread pool's barrier; on a free machine two threads are ~1.4x faster. So each
+    epoch starts by timing a few steps with each, keeps the faster, and drops to one thread if
+    a later step takes over twice the timed step. Speed only: MKL gave bit-identical GEMMs.
+    """
+
+    TRIAL = 4  # steps per candidate; the first is not timed (warm-up)
+
+    def __init__(self) -> None:
+        self.candidates = [torch.get_num_threads(), 1]
+        self.step_seconds = [math.inf, math.inf]
+        self.start = self.last = 0.0
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        now, elapsed = time.perf_counter(), time.perf_counter() - self.last
+        self.last = now
+        if self.candidates[0] == 1 or pl_module.device.type != "cpu":
+            return
+        phase, offset = divmod(batch_idx, self.TRIAL)
+        if phase <= 2 and offset == 0:
+            if phase > 0:
+                self.step_seconds[phase - 1] = (now - self.start) / (self.TRIAL - 1)
+            fastest = self.step_seconds.index(min(self.step_seconds))
+            torch.set_num_threads(self.candidates[phase if phase < 2 else fastest])
+        elif phase < 2 and offset == 1:
+            self.start = now
+        elif phase >= 2 and torch.get_num_threads() > 1 and elapsed > 2 * self.step_seconds[0]:
+            torch.set_num_threads(1)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        torch.set_num_threads(self.candidates[0])
+
+
+def retain_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back at once.
+
+    A fused step on the CPU allocates and frees activations of `[K, B, width]` (~2 MB each)
+    dozens of times. With glibc's defaults such blocks are mmapped, or the heap top trimmed, so
+    every step faults their pages in again; on the 2-core VM this was 15-45 % of a step. A 32 MB
+    mmap threshold and a 256 MB trim threshold keep the memory in the heap. Process-wide and
+    lasting; returns False where there is no glibc `mallopt`.
+    """
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 256 << 20))
+
+
+def build_pass(
+    group: Sequence[PlannedRun], study_dir: Path, pretrained: Path
+) -> tuple[list[Member], FusedLoRAModule, Any]:
+    """The members, their fused module and the shared DataModule of one pass.
+
+    Raises:
+        GroupingError: If the networks cannot be fused.
+    """
+    members = [Member.build(run, study_dir, pretrained) for run in group]
+    module = FusedLoRAModule([m.module for m in members], [m.loggers for m in members])
+    datamodule = instantiate(members[0].cfg.data)  # equal for all members (the fusion key)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    # A probe of K rows could pass a [B, ...] input off as [K, B, ...]: avoid that size.
+    probe_rows = PROBE_SIZE + (len(members) == PROBE_SIZE)
+    probe = next(iter(datamodule.val_dataloader()))[0][:probe_rows]
+    check_grouped(module.grouped, [m.module.network for m in members], probe)
+    return members, module, datamodule
+
+
 def run_fused_group(
     group: Sequence[PlannedRun], study_dir: Path, pretrained: Path, env: dict[str, Any]
 ) -> list[dict[str, Any]]:
-    """Train a group from `fusable` in one pass; save and record each run like `execute` does.
+    """Train a group from `fusable` in one pass under a Lightning Trainer; test it; save and
+    record every run as `execute` does.
 
     Returns:
         One result row per run, in group order (a run whose loss went non-finite has status
@@ -196,9 +327,83 @@ def run_fused_group(
     Raises:
         GroupingError: If the networks cannot be fused (nothing is recorded then).
     """
-    fused = FusedGroup(group, study_dir, pretrained)
-    try:
-        fused.fit()
-        return fused.finish(env)  # tests with the thread count training chose last
-    finally:
-        fused.threads.restore()
+    members, module, datamodule = build_pass(group, study_dir, pretrained)
+    identity = pass_identity(group)
+    pass_id = f"fused_{identity[:8]}"
+    pass_dir = study_dir / PASSES / pass_id
+    pass_dir.mkdir(parents=True, exist_ok=True)
+    resume_from, epoch = resume_point(pass_dir, identity, pass_id)
+    cfg = members[0].cfg
+    callbacks = [*(instantiate(cfg.trainer.get("callbacks")) or []), FinishedEpochs()]
+    callbacks += [ThreadChooser(), epoch_checkpoint(pass_dir)]
+    trainer = instantiate(
+        cfg.trainer,
+        logger=False,
+        callbacks=callbacks,
+        enable_checkpointing=True,
+        default_root_dir=str(pass_dir),
+    )
+    # Before the loggers open their files (a CSV logger's writer deletes an old metrics.csv).
+    earlier = [log_before(Path(m.cfg.run_dir), epoch) for m in members]
+    for member in members:
+        for logger in member.loggers:
+            logger.log_hyperparams(datamodule.hparams)  # hparams.yaml, as the Trainer writes
+    L.seed_everything(int(cfg.seed), verbose=False)  # reproducible dropout
+    retain_freed_memory()
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+    seconds = time.perf_counter() - start
+    for member, rows in zip(members, earlier, strict=True):
+        if rows is not None:
+            prepend_log(Path(member.cfg.run_dir), rows)
+    epochs = int(trainer.callback_metrics.get(FinishedEpochs.KEY, trainer.current_epoch))
+    tester = trainer if trainer.world_size == 1 else single_device_trainer(cfg, pass_dir)
+    if module.indices():
+        tester.test(module, datamodule=datamodule, verbose=False)
+    results = [
+        _finish(k, member, module, datamodule, pretrained, study_dir, pass_id, seconds, epochs)
+        for k, member in enumerate(members)
+    ]
+    for member, result in zip(members, results, strict=True):
+        record(member.cfg, study_dir, result, env)
+    (pass_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # every row is on disk now
+    return results
+
+
+def _finish(
+    k: int,
+    member: Member,
+    module: FusedLoRAModule,
+    datamodule: Any,
+    pretrained: Path,
+    study_dir: Path,
+    pass_id: str,
+    seconds: float,
+    epochs: int,
+) -> dict[str, Any]:
+    """Member k's row: its test row logged, its adapter saved, its loggers finalised."""
+    tested = module.test_metrics.get(k)
+    if tested is None:
+        error = FloatingPointError(module.errors[k] or "training loss is not finite")
+        for logger in member.loggers:
+            logger.finalize("failed")
+        result = failed_result(member.run, error, pass_id)
+        print(f"FAILED {member.run.label()}: {result['error']}", file=sys.stderr, flush=True)
+        return result
+    for logger in member.loggers:
+        logger.log_metrics({**tested, "epoch": epochs}, step=int(module.batches_seen))
+        logger.finalize("success")
+    save_adapter(member.module.network, study_dir / "adapters" / member.run.adapter)
+    return result_row(
+        member.cfg,
+        member.module,
+        datamodule,
+        test_fields(tested, member.module, datamodule),
+        source_test_acc=None,
+        # The pass's training time, shared out: the column still sums to the time spent.
+        train_seconds=seconds / len(module.members),
+        epochs=epochs,
+        identity=member.run.identity or None,
+        pretrained=pretrained,
+        pass_id=pass_id,
+    )

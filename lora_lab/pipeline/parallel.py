@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import Callback
 from lora_lab.pipeline.results import write_atomic
 
 if TYPE_CHECKING:
-    from lora_lab.pipeline.sweep import PlannedRun
+    from lora_lab.pipeline.plan import PlannedRun
 
 #: Written by `ReplicaCheck` (on rank 0) into the run folder.
 REPLICAS_FILE = "replicas.json"

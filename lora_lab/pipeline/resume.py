@@ -174,6 +174,7 @@ def set_aside(study_dir: Path) -> Path | None:
         "runs",
         "checkpoints",
         "adapters",
+        "passes",
         RESULTS_CSV,
         STUDY_FILE,
         "report.md",

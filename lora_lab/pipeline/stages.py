@@ -181,6 +181,13 @@ def _test(
     trainer: L.Trainer, module: ClassifierModule, datamodule: L.LightningDataModule
 ) -> dict[str, Any]:
     metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    return test_fields(metrics, module, datamodule)
+
+
+def test_fields(
+    metrics: dict[str, float], module: ClassifierModule, datamodule: L.LightningDataModule
+) -> dict[str, Any]:
+    """A row's test columns from the test metrics and the module's per-class accuracy."""
     out: dict[str, Any] = {
         "test_loss": float(metrics["test_loss"]),
         "test_acc": float(metrics["test_acc"]) if "test_acc" in metrics else None,
@@ -194,7 +201,7 @@ def _test(
     return out
 
 
-def _relative_delta_error(
+def relative_delta_error(
     module: ClassifierModule, datamodule: Any, pretrained: Path | None
 ) -> float | None:
     """‖ΔW_learned − ΔW_true‖_F / ‖ΔW_true‖_F when the task knows its true update."""
@@ -212,7 +219,7 @@ def _relative_delta_error(
     return float(torch.linalg.norm(learned - true_delta) / torch.linalg.norm(true_delta))
 
 
-def _log_before(run_dir: Path, epochs: int) -> pd.DataFrame | None:
+def log_before(run_dir: Path, epochs: int) -> pd.DataFrame | None:
     """The CSV log rows of the first `epochs` epochs (CSVLogger rewrites its file on resume)."""
     path = run_dir / "logs" / "metrics.csv"
     if epochs <= 0 or not path.is_file():
@@ -221,7 +228,7 @@ def _log_before(run_dir: Path, epochs: int) -> pd.DataFrame | None:
     return rows[rows["epoch"] < epochs] if "epoch" in rows else None
 
 
-def _prepend_log(run_dir: Path, earlier: pd.DataFrame) -> None:
+def prepend_log(run_dir: Path, earlier: pd.DataFrame) -> None:
     """Put the epochs logged before an interruption back in front of the resumed run's log."""
     path = run_dir / "logs" / "metrics.csv"
     later = pd.read_csv(path) if path.is_file() else earlier.iloc[0:0]
@@ -237,7 +244,40 @@ def _checkpoint_epoch(path: Path) -> int | None:
         return None
 
 
-class _FinishedEpochs(Callback):
+def resume_point(run_dir: Path, identity: str, name: str) -> tuple[Path | None, int]:
+    """Where an interrupted run (or fused pass) with this identity resumes: its `last.ckpt`
+    and the number of epochs it holds, or `(None, 0)` to start afresh. Writes the identity
+    marker that the next attempt checks; an unreadable checkpoint is removed, with a warning.
+    """
+    resume_from = resume_checkpoint(run_dir, identity)
+    (run_dir / "identity.txt").write_text(identity + "\n")
+    if resume_from is None:
+        return None, 0
+    epoch = _checkpoint_epoch(resume_from)
+    if epoch is None:
+        log.warning("%s: %s is unreadable; starting the run again", name, resume_from)
+        resume_from.unlink()
+        return None, 0
+    print(
+        f"    resuming {name} after epoch {epoch} from {resume_from}", file=sys.stderr, flush=True
+    )
+    return resume_from, epoch
+
+
+def epoch_checkpoint(folder: Path) -> ModelCheckpoint:
+    """Lightning's own checkpointing: `last.ckpt` at every epoch end, nothing else kept."""
+    return ModelCheckpoint(
+        dirpath=folder,
+        filename="last",
+        monitor=None,
+        save_top_k=1,  # with no monitor: the newest epoch, replacing the previous file
+        every_n_epochs=1,
+        save_on_train_epoch_end=True,
+        enable_version_counter=False,
+    )
+
+
+class FinishedEpochs(Callback):
     """Puts the number of finished epochs into `trainer.callback_metrics` at the end of fit.
 
     A spawn-based strategy (`trainer=ddp`) trains in child processes and copies back only the
@@ -250,7 +290,7 @@ class _FinishedEpochs(Callback):
         trainer.callback_metrics[self.KEY] = torch.tensor(float(trainer.current_epoch))
 
 
-def _single_device_trainer(run_cfg: DictConfig, run_dir: Path) -> L.Trainer:
+def single_device_trainer(run_cfg: DictConfig, run_dir: Path) -> L.Trainer:
     """A one-device Trainer for testing after a multi-device fit.
 
     As Lightning advises, so that every test example counts once (a DistributedSampler pads
@@ -269,6 +309,65 @@ def _single_device_trainer(run_cfg: DictConfig, run_dir: Path) -> L.Trainer:
         enable_progress_bar=False,
         default_root_dir=str(run_dir),
     )
+
+
+def result_row(
+    run_cfg: DictConfig,
+    module: ClassifierModule,
+    datamodule: Any,
+    tested: dict[str, Any],
+    *,
+    source_test_acc: float | None,
+    train_seconds: float,
+    epochs: int,
+    identity: str | None,
+    pretrained: Path | None,
+    pass_id: str = "",
+) -> dict[str, Any]:
+    """The result row of a finished run (`lora_lab.schema` names its columns).
+
+    Args:
+        run_cfg: The run's config, with `run_id` set.
+        module: The trained module.
+        datamodule: Its data (for the fingerprint and, on the linear-shift task, ΔW's error).
+        tested: From `test_fields`.
+        source_test_acc: Pretrain only: the accuracy on its own task.
+        train_seconds: Time spent training (a fused pass's time shared out over its runs).
+        epochs: Finished epochs.
+        identity: The run's identity.
+        pretrained: The weights the run started from.
+        pass_id: The training pass that trained it; "" for a run trained on its own.
+    """
+    stage, run_id = run_cfg.stage, run_cfg.run_id
+    counts = count_parameters(module.network)
+    result: dict[str, Any] = {
+        "run_id": run_id,
+        "stage": stage,
+        "rank": int(run_cfg.lora.rank) if stage == "lora" else None,
+        "alpha": float(run_cfg.lora.alpha) if stage == "lora" else None,
+        "seed": int(run_cfg.seed),
+        "learning_rate": float(run_cfg.module.optimizer.lr),
+        "trainable_params": counts["trainable"],
+        "total_params": counts["total"],
+        **tested,
+        "source_test_acc": source_test_acc,
+        "train_seconds": round(train_seconds, 3),
+        "epochs": epochs,
+        "run_dir": f"runs/{run_id}",
+        "pass": pass_id or run_id,
+        "status": "ok",
+        "error": "",
+        "identity": identity,
+    }
+    fingerprint = getattr(datamodule, "fingerprint", None)
+    if callable(fingerprint):
+        result["data_fingerprint"] = fingerprint()
+    delta_error = relative_delta_error(module, datamodule, pretrained)
+    if delta_error is not None:
+        result["delta_rel_error"] = delta_error
+    if result["test_loss"] is not None and not math.isfinite(result["test_loss"]):
+        result["status"], result["error"] = "failed", "test loss is not finite"
+    return result
 
 
 def run_stage(
@@ -299,7 +398,7 @@ def run_stage(
 
     Under a multi-process strategy (`trainer=ddp`) only `fit` runs in the spawned processes;
     everything else, every file write included, happens in this process, which is rank 0's
-    parent. Testing then runs here on one device (see `_single_device_trainer`).
+    parent. Testing then runs here on one device (see `single_device_trainer`).
 
     Returns:
         The result row and the objects that produced it.
@@ -320,23 +419,11 @@ def run_stage(
     loggers = [instantiate(c) for c in run_cfg.logger.values()] if run_cfg.get("logger") else []
     # Callbacks listed in the trainer config (e.g. trainer=ddp's replica check) come first.
     callbacks: list[Callback] = list(instantiate(run_cfg.trainer.get("callbacks")) or [])
-    callbacks.append(_FinishedEpochs())
-    resume_from = None
+    callbacks.append(FinishedEpochs())
+    resume_from, epoch = None, 0
     if identity is not None:
-        resume_from = resume_checkpoint(run_dir, identity)
-        (run_dir / "identity.txt").write_text(identity + "\n")
-        # Lightning's own checkpointing: last.ckpt at every epoch end, nothing else kept.
-        callbacks.append(
-            ModelCheckpoint(
-                dirpath=run_dir,
-                filename="last",
-                monitor=None,
-                save_top_k=1,  # with no monitor: the newest epoch, replacing the previous file
-                every_n_epochs=1,
-                save_on_train_epoch_end=True,
-                enable_version_counter=False,
-            )
-        )
+        resume_from, epoch = resume_point(run_dir, identity, run_id)
+        callbacks.append(epoch_checkpoint(run_dir))
     trainer = instantiate(
         run_cfg.trainer,
         logger=loggers,
@@ -346,27 +433,14 @@ def run_stage(
     )
 
     start = time.perf_counter()
-    epoch = 0
-    if resume_from is not None:
-        epoch = _checkpoint_epoch(resume_from)
-        if epoch is None:
-            log.warning("%s: %s is unreadable; starting the run again", run_id, resume_from)
-            resume_from.unlink()
-            resume_from = None
-        else:
-            print(
-                f"    resuming {run_id} after epoch {epoch} from {resume_from}",
-                file=sys.stderr,
-                flush=True,
-            )
-    earlier_log = _log_before(run_dir, epoch if resume_from else 0)
+    earlier_log = log_before(run_dir, epoch if resume_from else 0)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
     train_seconds = time.perf_counter() - start
     if earlier_log is not None:
-        _prepend_log(run_dir, earlier_log)
+        prepend_log(run_dir, earlier_log)
 
-    epochs = int(trainer.callback_metrics.get(_FinishedEpochs.KEY, trainer.current_epoch))
-    tester = trainer if trainer.world_size == 1 else _single_device_trainer(run_cfg, run_dir)
+    epochs = int(trainer.callback_metrics.get(FinishedEpochs.KEY, trainer.current_epoch))
+    tester = trainer if trainer.world_size == 1 else single_device_trainer(run_cfg, run_dir)
     tested = _test(tester, module, datamodule)
     source_test_acc = None
     if stage == "pretrain":
@@ -376,7 +450,6 @@ def run_stage(
         ) != OmegaConf.to_container(run_cfg.data, resolve=True):
             tested = _test(tester, module, instantiate(target_data))
 
-    counts = count_parameters(module.network)
     if stage == "lora":
         assert rank is not None
         save_adapter(
@@ -384,31 +457,15 @@ def run_stage(
         )
     else:
         save_network_weights(module.network, study_dir / "checkpoints" / f"{stage}.safetensors")
-
-    result: dict[str, Any] = {
-        "run_id": run_id,
-        "stage": stage,
-        "rank": rank,
-        "alpha": alpha,
-        "seed": seed,
-        "learning_rate": float(run_cfg.module.optimizer.lr),
-        "trainable_params": counts["trainable"],
-        "total_params": counts["total"],
-        **tested,
-        "source_test_acc": source_test_acc,
-        "train_seconds": round(train_seconds, 3),
-        "epochs": epochs,
-        "run_dir": f"runs/{run_id}",
-        "status": "ok",
-        "error": "",
-        "identity": identity,
-    }
-    fingerprint = getattr(datamodule, "fingerprint", None)
-    if callable(fingerprint):
-        result["data_fingerprint"] = fingerprint()
-    delta_error = _relative_delta_error(module, datamodule, pretrained)
-    if delta_error is not None:
-        result["delta_rel_error"] = delta_error
-    if result["test_loss"] is not None and not math.isfinite(result["test_loss"]):
-        result["status"], result["error"] = "failed", "test loss is not finite"
+    result = result_row(
+        run_cfg,
+        module,
+        datamodule,
+        tested,
+        source_test_acc=source_test_acc,
+        train_seconds=train_seconds,
+        epochs=epochs,
+        identity=identity,
+        pretrained=pretrained,
+    )
     return StageRun(result=result, module=module, datamodule=datamodule, trainer=trainer)

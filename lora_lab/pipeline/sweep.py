@@ -12,201 +12,34 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-import itertools
 import json
 import logging
-import math
 import sys
 import time
 import traceback
-from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lora_lab.lora import LoRAConfig, inject_lora
 from lora_lab.pipeline.environment import environment
-from lora_lab.pipeline.results import write_atomic, write_result, write_results_csv
+from lora_lab.pipeline.fused import run_fused
+from lora_lab.pipeline.plan import PlannedRun, plan, sweep_jobs
+from lora_lab.pipeline.record import failed_result, record
+from lora_lab.pipeline.results import write_atomic, write_results_csv
 from lora_lab.pipeline.resume import (
     CHECKPOINT_FILE,
     STUDY_FILE,
     check_study_dir,
     describe_previous,
     finished,
-    run_identity,
     set_aside,
     study_config,
 )
-from lora_lab.pipeline.stages import (
-    StageRun,
-    adapter_name_for,
-    run_id_for,
-    run_stage,
-    stage_config,
-)
+from lora_lab.pipeline.stages import StageRun, run_stage, stage_config
 
 log = logging.getLogger(__name__)
-
-
-class StudyError(ValueError):
-    """Bad study input, found before any training starts."""
-
-
-@dataclass
-class PlannedRun:
-    """One run of the study: its stage, seed, rank, per-run config and identity.
-
-    `alpha` and `learning_rate` are set only when the sweep varies them (`sweep.alphas`,
-    `sweep.learning_rates`); `adapter` is the LoRA run's folder under `adapters/`.
-    """
-
-    stage: str
-    seed: int
-    rank: int | None = None
-    alpha: float | None = None
-    learning_rate: float | None = None
-    epochs: int = 0
-    cfg: DictConfig = field(repr=False, default=None)  # type: ignore[assignment]
-    run_id: str = ""
-    identity: str = ""
-    adapter: str = ""
-
-    def label(self) -> str:
-        if self.stage != "lora":
-            return self.stage
-        swept = f" alpha={self.alpha:g}" if self.alpha is not None else ""
-        swept += f" lr={self.learning_rate:g}" if self.learning_rate is not None else ""
-        return f"lora rank={self.rank}{swept} seed={self.seed}"
-
-
-def _ranks(cfg: DictConfig) -> list[int]:
-    ranks = cfg.sweep.ranks
-    if ranks is None or isinstance(ranks, (str, int)) or len(ranks) == 0:
-        raise StudyError(
-            f"sweep.ranks={ranks!r} must be a non-empty list of integers ≥ 1, e.g. sweep.ranks=[1,2,4,8]"
-        )
-    return list(ranks)
-
-
-def _grid(cfg: DictConfig, key: str, example: str) -> list[float | None]:
-    """The values of an optional sweep dimension: `[None]` (not swept) for null or [].
-
-    Raises:
-        StudyError: for a value that is not a list of positive numbers.
-    """
-    values = cfg.sweep.get(key)
-    if values is None:
-        return [None]
-    if isinstance(values, (str, int, float)):
-        raise StudyError(f"sweep.{key}={values!r} must be a list, e.g. sweep.{key}={example}")
-    for value in values:
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-            or value <= 0
-        ):
-            raise StudyError(
-                f"sweep.{key} holds {value!r}; it must list positive numbers, e.g. sweep.{key}={example}"
-            )
-    return [float(value) for value in values] or [None]
-
-
-def sweep_jobs(cfg: DictConfig) -> int:
-    """`sweep.jobs`: how many runs go at a time (1 when absent).
-
-    Raises:
-        StudyError: for anything but an integer ≥ 1.
-    """
-    jobs = cfg.sweep.get("jobs", 1)
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise StudyError(f"sweep.jobs={jobs!r} must be an integer ≥ 1, e.g. sweep.jobs=2")
-    return jobs
-
-
-def plan(cfg: DictConfig) -> list[PlannedRun]:
-    """The runs of a study, in order, with their per-run configs; validates before training.
-
-    Raises:
-        StudyError / ValueError: on bad input (bad ranks, bad LoRA values, targets that match
-            nothing, bad data arguments), before anything is trained or written.
-    """
-    seeds = list(cfg.sweep.seeds) if cfg.sweep.seeds is not None else [int(cfg.seed)]
-    if not seeds:
-        raise StudyError("sweep.seeds=[] must list at least one seed, e.g. sweep.seeds=[0,1,2]")
-    sweep_jobs(cfg)
-    # `lora.rank` itself is replaced by each of sweep.ranks, but a bad value is still an error.
-    LoRAConfig(**OmegaConf.to_container(cfg.lora, resolve=True))
-    alphas = _grid(cfg, "alphas", "[1,8,32]")
-    learning_rates = _grid(cfg, "learning_rates", "[1e-4,1e-3]")
-    runs = [PlannedRun("pretrain", int(cfg.seed)), PlannedRun("full_finetune", int(cfg.seed))]
-    runs += [
-        PlannedRun("lora", int(seed), rank, alpha, learning_rate)
-        for seed, rank, alpha, learning_rate in itertools.product(
-            seeds, _ranks(cfg), alphas, learning_rates
-        )
-    ]
-    # Names carry a swept dimension only when it has several values, so the default layout
-    # (`lora_r8_a8_s0`, `adapters/rank_8_seed_0`) stays as it was.
-    name_alpha, name_lr = len(alphas) > 1, len(learning_rates) > 1
-    for run in runs:
-        run.cfg = stage_config(
-            cfg,
-            run.stage,
-            rank=run.rank,
-            seed=run.seed,
-            alpha=run.alpha,
-            learning_rate=run.learning_rate,
-        )
-        run.epochs = int(run.cfg.trainer.max_epochs)
-        alpha = float(run.cfg.lora.alpha) if run.stage == "lora" else None
-        learning_rate = run.learning_rate if name_lr else None
-        run.run_id = run_id_for(run.stage, run.rank, alpha, run.seed, learning_rate)
-        if run.stage == "lora":
-            run.adapter = adapter_name_for(
-                run.rank, run.seed, run.alpha if name_alpha else None, learning_rate
-            )
-        upstream = None if run.stage == "pretrain" else runs[0].identity
-        run.identity = run_identity(run.cfg, upstream)
-    duplicates = sorted(n for n, count in Counter(r.run_id for r in runs).items() if count > 1)
-    if duplicates:
-        raise StudyError(
-            f"the sweep lists the same run more than once ({', '.join(duplicates)}); "
-            "check sweep.ranks, sweep.alphas, sweep.learning_rates and sweep.seeds for repeats"
-        )
-    check_lora(runs[-1].cfg, [run.cfg for run in runs if run.stage == "lora"])
-    check_data([run.cfg for run in runs])
-    return runs
-
-
-def check_lora(stage_cfg: DictConfig, lora_cfgs: Sequence[DictConfig]) -> None:
-    """Validate every run's LoRAConfig, and that the targets match layers of the network
-    (by injecting into a throwaway network, before any training)."""
-    for run_cfg in lora_cfgs:
-        LoRAConfig(**OmegaConf.to_container(run_cfg.lora, resolve=True))
-    lora_logger = logging.getLogger("lora_lab.lora")
-    level = lora_logger.level
-    lora_logger.setLevel(logging.ERROR)  # size warnings belong to the real runs, not this check
-    try:
-        config = LoRAConfig(**OmegaConf.to_container(stage_cfg.lora, resolve=True))
-        inject_lora(instantiate(stage_cfg.model), config)
-    finally:
-        lora_logger.setLevel(level)
-
-
-def check_data(run_cfgs: Sequence[DictConfig]) -> None:
-    """Build each distinct data config once (no loading): bad class names, sizes or dataset
-    arguments fail here, before any training."""
-    seen: list[Any] = []
-    for run_cfg in run_cfgs:
-        data = OmegaConf.to_container(run_cfg.data, resolve=True)
-        if data not in seen:
-            seen.append(data)
-            instantiate(run_cfg.data)
 
 
 def _fmt_seconds(seconds: float) -> str:
@@ -247,32 +80,6 @@ class Progress:
         self.total_epochs -= run.epochs
 
 
-def _failed_result(run: PlannedRun, error: BaseException) -> dict[str, Any]:
-    text = str(error).strip()
-    return {
-        "run_id": run.run_id,
-        "stage": run.stage,
-        "rank": run.rank,
-        "alpha": float(run.cfg.lora.alpha) if run.stage == "lora" else None,
-        "seed": run.seed,
-        "learning_rate": float(run.cfg.module.optimizer.lr),
-        "run_dir": f"runs/{run.run_id}",
-        "status": "failed",
-        "error": f"{type(error).__name__}: {text.splitlines()[0] if text else ''}",
-        "identity": run.identity,
-    }
-
-
-def record(
-    run_cfg: DictConfig, study_dir: Path, result: dict[str, Any], env: dict[str, Any]
-) -> None:
-    """Write a run's `result.json` (with its resolved config and environment)."""
-    full = dict(result)
-    full["config"] = OmegaConf.to_container(run_cfg, resolve=True)
-    full["environment"] = env
-    write_result(study_dir / result["run_dir"], full)
-
-
 def execute(
     run: PlannedRun, study_dir: Path, env: dict[str, Any], **kwargs: Any
 ) -> tuple[dict[str, Any], StageRun | None]:
@@ -289,7 +96,7 @@ def execute(
         result = stage_run.result
     except Exception as error:  # a failed run is a result, not the end of the sweep
         log.debug("run %s failed", run.label(), exc_info=True)
-        result, stage_run = _failed_result(run, error), None
+        result, stage_run = failed_result(run, error), None
         print(f"FAILED {run.label()}: {result['error']}", file=sys.stderr, flush=True)
         if logging.getLogger("lora_lab").isEnabledFor(logging.DEBUG):
             traceback.print_exc()
@@ -355,7 +162,7 @@ def run_sweep(cfg: DictConfig, study_dir: Path, command: str = "lora-lab sweep")
             continue
         _begin(progress, index, run_dir)
         if run.stage != "pretrain" and "pretrain" in failed:
-            result = _failed_result(run, RuntimeError("skipped: the pretrain stage failed"))
+            result = failed_result(run, RuntimeError("skipped: the pretrain stage failed"))
             record(run.cfg, study_dir, result, env)
         else:
             kwargs = (
@@ -391,8 +198,6 @@ def _run_fused(
 ) -> dict[str, dict[str, Any]]:
     """Train the unfinished LoRA runs among `runs` in fused groups (`lora_lab.pipeline.fused`);
     runs it cannot fuse are named in one line and left to the sequential loop."""
-    from lora_lab.pipeline.fused import run_fused
-
     if "pretrain" in failed:
         return {}  # nothing to start from: the loop records the skipped runs
     pending = [
@@ -444,7 +249,7 @@ def _run_pooled(
 
     def crashed(position: int, error: BaseException) -> dict[str, Any]:
         run = runs[position]
-        result = _failed_result(run, error)
+        result = failed_result(run, error)
         record(run.cfg, study_dir, result, env)
         print(f"FAILED {run.label()}: {result['error']}", file=sys.stderr, flush=True)
         return result

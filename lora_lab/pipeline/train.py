@@ -10,9 +10,10 @@ from omegaconf import DictConfig
 
 from lora_lab.models import load_network_weights
 from lora_lab.pipeline.environment import environment
+from lora_lab.pipeline.plan import check_data, check_lora
+from lora_lab.pipeline.record import record
 from lora_lab.pipeline.results import write_results_csv
 from lora_lab.pipeline.stages import StageRun, run_stage, stage_config
-from lora_lab.pipeline.sweep import check_data, check_lora, record
 
 
 def train_preflight(cfg: DictConfig) -> Path | None:

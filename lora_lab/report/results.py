@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lora_lab.schema import NUMERIC_COLUMNS, RESULT_COLUMNS, STAGE_ORDER
+from lora_lab.schema import NUMERIC_COLUMNS, OPTIONAL_COLUMNS, RESULT_COLUMNS, STAGE_ORDER
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def check_columns(df: pd.DataFrame, source: str | Path) -> None:
     Raises:
         ValueError: If any column of ``REQUIRED_COLUMNS`` is absent.
     """
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns and c not in OPTIONAL_COLUMNS]
     if missing:
         raise ValueError(f"{source}: missing required column(s): {', '.join(missing)}")
 
@@ -59,6 +59,9 @@ def normalize_results(df: pd.DataFrame, source: str | Path = "results table") ->
     """
     check_columns(df, source)
     out = df.copy()
+    for column in OPTIONAL_COLUMNS:
+        if column not in out.columns:
+            out[column] = ""
     for column in NUMERIC_COLUMNS:
         out[column] = pd.to_numeric(out[column], errors="coerce").astype(float)
     for column in TEXT_COLUMNS:

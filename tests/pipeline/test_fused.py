@@ -23,8 +23,10 @@ from lora_lab.data.fakes import write_fake_mnist
 from lora_lab.lora import LoRAConfig, inject_lora, load_adapter, lora_layers
 from lora_lab.lora.grouped import GroupedLoRALinear, cross_entropy_per_adapter, group_networks
 from lora_lab.models import MLP, save_network_weights
+from lora_lab.models.fused import FusedLoRAModule
 from lora_lab.pipeline import fused
-from lora_lab.pipeline.sweep import PlannedRun, execute, plan
+from lora_lab.pipeline.plan import PlannedRun, plan
+from lora_lab.pipeline.sweep import execute
 
 PLATEAU = (
     "module.scheduler={_target_:torch.optim.lr_scheduler.ReduceLROnPlateau,"
@@ -123,26 +125,28 @@ def test_outputs_look_like_a_sequential_sweep(study: SimpleNamespace):
 def test_each_adapter_follows_its_own_plateau_scheduler(
     study: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
 ):
-    # Scripted validation losses: adapter 0 keeps improving, adapter 1 never does.
-    group = fused.FusedGroup(
+    # Scripted validation losses: member 0 keeps improving, member 1 never does.
+    epoch = {"n": 0}
+    real = FusedLoRAModule._epoch_metrics
+
+    def scripted(self: FusedLoRAModule, split: str) -> dict[int, dict[str, float]]:
+        if split != "val":
+            return real(self, split)
+        epoch["n"] += 1
+        return {0: {"val_loss": 1.0 / epoch["n"]}, 1: {"val_loss": 1.0 + epoch["n"]}}
+
+    monkeypatch.setattr(FusedLoRAModule, "_epoch_metrics", scripted)
+    members, module, datamodule = fused.build_pass(
         study.runs[:2], study.folder / "plateau", study.folder / "pretrain.safetensors"
     )
-    first, second = group.members
-    epoch = {"n": 0}
-
-    def scripted(loader: object, batches: int, split: str) -> dict[int, dict[str, float]]:
-        epoch["n"] += 1
-        return {
-            id(first): {"val_loss": 1.0 / epoch["n"], "val_acc": 0.5},
-            id(second): {"val_loss": 1.0 + epoch["n"], "val_acc": 0.5},
-        }
-
-    monkeypatch.setattr(group, "evaluate", scripted)
-    group.fit()
+    trainer = instantiate(members[0].cfg.trainer, logger=False, enable_checkpointing=False)
+    trainer.fit(module, datamodule=datamodule)  # the stock Trainer drives the fused module
+    assert epoch["n"] == 3
+    first, second = trainer.optimizers
     lr = 0.01
-    assert first.optimizer.param_groups[0]["lr"] == pytest.approx(lr)
-    # patience 0: every epoch after the first is a plateau for the second adapter
-    assert second.optimizer.param_groups[0]["lr"] == pytest.approx(lr * 0.5 ** (group.epochs - 1))
+    assert first.param_groups[0]["lr"] == pytest.approx(lr)
+    # patience 0: every epoch after the first is a plateau for the second member
+    assert second.param_groups[0]["lr"] == pytest.approx(lr * 0.5 ** (epoch["n"] - 1))
 
 
 def _twin_adapters(dropout: float) -> tuple[nn.Module, nn.Module]:
@@ -205,11 +209,24 @@ def test_grouped_network_gives_each_adapter_its_own_output_and_gradient():
 def test_runs_that_cannot_fuse_say_why(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     runs = lora_runs(composed(tmp_path, "sweep.ranks=[1,2,4]"))
     with open_dict(runs[2].cfg):
-        runs[2].cfg.module.optimizer.lr = 0.5
+        runs[2].cfg.trainer.max_epochs = 7
     groups, alone = fused.fusable(runs)
     assert groups == [runs[:2]]
     assert [run for run, _ in alone] == [runs[2]]
-    assert "module.optimizer.lr" in alone[0][1]
+    assert "trainer.max_epochs" in alone[0][1]
+    # what an adapter owns does not split a group
+    with open_dict(runs[2].cfg):
+        runs[2].cfg.trainer.max_epochs = runs[0].cfg.trainer.max_epochs
+        runs[2].cfg.module.optimizer.lr = 0.5
+        runs[2].cfg.lora.use_rslora = True
+        runs[2].cfg.lora.init = "gaussian"
+    assert fused.fusable(runs) == ([runs], [])
+    for run in runs:
+        with open_dict(run.cfg):
+            run.cfg.trainer.gradient_clip_val = 1.0
+    groups, alone = fused.fusable(runs)
+    assert groups == [] and len(alone) == 3
+    assert "trainer.gradient_clip_val=1.0: Lightning clips gradients only" in alone[0][1]
 
     conv = composed(
         tmp_path, "model=convnet", "sweep.ranks=[1,2]", "lora.target_modules=[conv1,fc1]"
@@ -255,9 +272,9 @@ def test_convnet_adapters_behind_shared_convolutions_fuse(tmp_path: Path):
     cfg = composed(tmp_path, "model=convnet", "sweep.ranks=[1,4]")
     runs = lora_runs(cfg)
     assert fused.fusable(runs) == ([runs], [])
-    group = fused.FusedGroup(runs, tmp_path / "study", base_weights(cfg, tmp_path))  # probe passes
-    assert type(group.grouped.conv1) is nn.Conv2d  # frozen, run once on the shared batch
-    assert isinstance(group.grouped.fc1, GroupedLoRALinear)
+    _, module, _ = fused.build_pass(runs, tmp_path / "study", base_weights(cfg, tmp_path))
+    assert type(module.grouped.conv1) is nn.Conv2d  # frozen, run once on the shared batch
+    assert isinstance(module.grouped.fc1, GroupedLoRALinear)
 
 
 def test_cross_entropy_of_all_adapters_at_once_is_each_ones_loss():
@@ -269,3 +286,59 @@ def test_cross_entropy_of_all_adapters_at_once_is_each_ones_loss():
     (grad,) = torch.autograd.grad(together.sum(), logits)
     (own,) = torch.autograd.grad(alone.sum(), logits)
     assert torch.allclose(grad, own, atol=1e-6)
+
+
+def test_a_rank_alpha_lr_grid_trains_exactly_as_sequential_runs(tmp_path: Path):
+    """Rank × alpha × learning rate in one pass under the stock Trainer: every member ends
+    where its own sequential run ends (1e-5), with plateau schedules that fire for some
+    members and not others (on random labels, a val loss that rises by over 1e-3 is a plateau:
+    the large learning rate's members hit it, the tiny one's do not)."""
+    cfg = composed(
+        tmp_path,
+        "sweep.ranks=[1,4]",
+        "sweep.alphas=[1,4]",
+        "sweep.learning_rates=[1e-5,1e-2]",
+        "stages.lora.max_epochs=3",
+        "trainer.limit_train_batches=3",
+        "module.scheduler={_target_:torch.optim.lr_scheduler.ReduceLROnPlateau,"
+        "_partial_:true,patience:0,factor:0.5,threshold_mode:abs,threshold:-1e-3}",
+    )
+    runs = lora_runs(cfg)
+    assert len(runs) == 8 and fused.fusable(runs) == ([runs], [])
+    pretrained = base_weights(cfg, tmp_path)
+    members, module, datamodule = fused.build_pass(runs, tmp_path / "fused", pretrained)
+    trainer = instantiate(members[0].cfg.trainer, logger=False, enable_checkpointing=False)
+    trainer.fit(module, datamodule=datamodule)
+    fused_lrs = [optimizer.param_groups[0]["lr"] for optimizer in trainer.optimizers]
+    sequential_lrs = []
+    for member, run in zip(members, runs, strict=True):
+        _, alone = execute(run, tmp_path / "seq", {}, pretrained=pretrained)
+        sequential_lrs.append(alone.trainer.optimizers[0].param_groups[0]["lr"])
+        together = dict(member.module.network.named_parameters())
+        for name, param in alone.module.network.named_parameters():
+            if param.requires_grad:
+                assert (together[name] - param).abs().max() < 1e-5, (run.run_id, name)
+    assert fused_lrs == pytest.approx(sequential_lrs, rel=1e-6)
+    planned = [run.learning_rate for run in runs]
+    reduced = [lr < start for lr, start in zip(fused_lrs, planned, strict=True)]
+    assert any(reduced) and not all(reduced), "the schedule fired for some members only"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["trainer=gpu"], ["trainer.precision=bf16-mixed"], ["trainer=gpu", "trainer.precision=bf16"]],
+    ids=["gpu", "bf16-mixed", "gpu-bf16"],
+)
+def test_the_planner_fuses_on_any_accelerator_and_precision(tmp_path: Path, overrides: list[str]):
+    runs = lora_runs(composed(tmp_path, "sweep.ranks=[1,2,4]", *overrides))
+    assert fused.fusable(runs) == ([runs], [])
+
+
+def test_a_bf16_mixed_pass_trains_under_lightning_autocast(tmp_path: Path):
+    cfg = composed(tmp_path, "sweep.ranks=[1,2]", "trainer.precision=bf16-mixed")
+    rows = fused.run_fused_group(
+        lora_runs(cfg), tmp_path / "study", base_weights(cfg, tmp_path), {}
+    )
+    assert [row["status"] for row in rows] == ["ok", "ok"]
+    assert rows[0]["pass"] == rows[1]["pass"] and rows[0]["pass"].startswith("fused_")
+    assert all(math.isfinite(row["test_loss"]) for row in rows)

@@ -227,13 +227,14 @@ def test_debug_shows_the_traceback(tmp_path, tiny_overrides):
 # -- SIGKILL partway through a LoRA run, then the same command again -----------------------
 
 
-def _sweep_cmd(folder: Path, out: Path) -> list[str]:
+def _sweep_cmd(folder: Path, out: Path, fused: bool) -> list[str]:
     return [
         sys.executable,
         "-m",
         "lora_lab.cli",
         "sweep",
         "sweep.ranks=[1,2]",
+        f"sweep.fused={str(fused).lower()}",
         f"output_dir={out}",
         *[
             a
@@ -246,39 +247,45 @@ def _sweep_cmd(folder: Path, out: Path) -> list[str]:
     ]
 
 
-def test_sigkill_then_rerun_completes_with_the_uninterrupted_results(tmp_path):
+@pytest.mark.parametrize("fused", [False, True], ids=["sequential", "fused"])
+def test_sigkill_then_rerun_completes_with_the_uninterrupted_results(tmp_path, fused):
     out = tmp_path / "killed"
-    cmd = _sweep_cmd(tmp_path, out)
+    cmd = _sweep_cmd(tmp_path, out, fused)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     process = subprocess.Popen(
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True
     )
-    checkpoint = out / "runs" / "lora_r1_a1_s0" / "last.ckpt"
+    pattern = "passes/fused_*/last.ckpt" if fused else "runs/lora_r1_a1_s0/last.ckpt"
     deadline = time.monotonic() + 120
-    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+    while not list(out.glob(pattern)) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert process.poll() is None, "the sweep ended before it could be interrupted"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+    (checkpoint,) = out.glob(pattern)
     assert not (out / "runs" / "lora_r1_a1_s0" / "result.json").exists()
 
     rerun = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert "resuming lora_r1_a1_s0 after epoch" in rerun.stderr
+    resumed = checkpoint.parent.name if fused else "lora_r1_a1_s0"
+    assert f"resuming {resumed} after epoch" in rerun.stderr
     assert rerun.stderr.count("done earlier, skipped") == 2  # pretrain and full finetune
 
     reference = tmp_path / "uninterrupted"
     straight = subprocess.run(
-        _sweep_cmd(tmp_path, reference), capture_output=True, text=True, env=env
+        _sweep_cmd(tmp_path, reference, fused), capture_output=True, text=True, env=env
     )
     assert straight.returncode == 0, straight.stderr[-2000:]
     resumed_table = metrics(out)
     assert resumed_table.run_id.is_unique and len(resumed_table) == 4
     pd.testing.assert_frame_equal(resumed_table, metrics(reference))
+    passes = pd.read_csv(out / "results.csv").set_index("run_id")["pass"]
+    assert (passes["lora_r1_a1_s0"] == passes["lora_r2_a2_s0"]) == fused
     assert not checkpoint.exists(), "a finished run keeps no resume checkpoint"
-    log = pd.read_csv(out / "runs" / "lora_r1_a1_s0" / "logs" / "metrics.csv")
-    train_epochs = log.dropna(subset=["train_loss"]).epoch.tolist()
-    assert train_epochs == list(range(30)), "epochs before the kill stay in the log, once each"
+    for run in ("lora_r1_a1_s0", "lora_r2_a2_s0"):
+        log = pd.read_csv(out / "runs" / run / "logs" / "metrics.csv")
+        train_epochs = log.dropna(subset=["train_loss"]).epoch.tolist()
+        assert train_epochs == list(range(30)), "epochs before the kill stay in the log, once each"
 
 
 def test_every_resume_checkpoint_finds_its_epochs_rows_already_on_disk(tmp_path, monkeypatch):

@@ -1,0 +1,278 @@
+"""The fused LightningModule: K LoRA runs on one frozen network, trained in one pass per batch.
+
+Every member is a LoRA task module built exactly as its sequential run builds it (same seed,
+same init); the fused module adds no forward code of its own. It groups the members' networks
+(`lora.grouped`): each batch is read once, the frozen layers before the first adapted one run
+once, and the K adapters' activations are stacked `[K, B, ...]` after it. The loss is the sum
+of the K per-member losses, so every adapter gets exactly the gradient it would get alone.
+
+Manual optimization, one optimizer per member: each keeps its own optimizer state, learning
+rate, scheduler (ReduceLROnPlateau steps on the member's own `val_loss`) and dropout masks.
+The stock `Trainer` drives it, so devices, precision, DDP, checkpoints and resume, and the
+progress bar are Lightning's. Each member's epoch rows go to that member's own loggers, as its
+sequential run would write them; a member whose loss turns non-finite stops alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import Logger
+from torch import nn
+
+from lora_lab.lora.grouped import cross_entropy_per_adapter, group_networks, share_frozen
+from lora_lab.models.module import ClassifierModule
+
+SPLITS = ("train", "val", "test")
+
+
+def single_kernel(factory: Any) -> Any:
+    """The optimizer factory with `fused=True` when the optimizer offers it and the config
+    leaves the implementation to torch (no `fused` / `foreach` given).
+
+    The same algorithm in one kernel per step: K members take K optimizer steps per batch,
+    and torch's default per-parameter loop on CPU was a quarter of a fused step (Adam, 6
+    tensors per adapter). Results differ only in float rounding.
+    """
+    keywords = getattr(factory, "keywords", None)
+    target = getattr(factory, "func", None)
+    if not isinstance(keywords, dict) or not isinstance(target, type):
+        return factory
+    if keywords.get("fused") is not None or keywords.get("foreach") is not None:
+        return factory
+    if "fused" not in inspect.signature(target).parameters:
+        return factory
+
+    def fused_factory(params: Any) -> torch.optim.Optimizer:
+        params = list(params)
+        try:
+            return factory(params, fused=True)
+        except (RuntimeError, TypeError, ValueError):  # e.g. a dtype or device without a kernel
+            return factory(params)
+
+    return fused_factory
+
+
+class FusedLoRAModule(L.LightningModule):
+    """K LoRA members of one frozen network, trained together under one Trainer.
+
+    Args:
+        members: LoRA task modules (e.g. `LoRAClassifierModule`) over identical frozen
+            networks that differ only in their adapters, learning rates or schedulers.
+        loggers: Per member, the loggers its epoch rows go to (its sequential run's loggers).
+
+    After `trainer.test`, `test_metrics[k]` holds member k's `test_loss` (and `test_acc`),
+    and each member's `per_class_test_acc` is set as `trainer.test` sets it.
+    """
+
+    def __init__(
+        self,
+        members: Sequence[ClassifierModule],
+        loggers: Sequence[Sequence[Logger]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.members = nn.ModuleList(members)
+        share_frozen([m.network for m in members])  # one frozen network in memory, not K
+        self.member_loggers = [list(group) for group in loggers or [[] for _ in members]]
+        # Buffers, so a checkpoint (and a spawned DDP worker's returned weights) carry them.
+        self.register_buffer("active", torch.ones(len(members), dtype=torch.bool))
+        self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
+        self.errors: list[str | None] = [None] * len(members)
+        self.grouped = group_networks([m.network for m in members])
+        self._grouped_for = list(range(len(members)))
+        self.classifier = bool(members[0].metrics)
+        # The classifiers' own loss for all K at once (see cross_entropy_per_adapter).
+        self.cross_entropy = all(type(m).loss is ClassifierModule.loss for m in members)
+        self._sums: dict[str, torch.Tensor] = {}
+        self._schedulers: list[Any] = []
+        self.val_metrics: dict[int, dict[str, float]] = {}
+        self.test_metrics: dict[int, dict[str, float]] = {}
+
+    # -- the grouped forward ------------------------------------------------------------------
+    def indices(self) -> list[int]:
+        """The members still training (all, unless a loss went non-finite)."""
+        return [k for k, ok in enumerate(self.active.tolist()) if ok]
+
+    def _refresh(self) -> list[int]:
+        """Regroup the networks if the set of active members changed (e.g. after a resume)."""
+        indices = self.indices()
+        if indices != self._grouped_for and indices:
+            self.grouped = group_networks([self.members[k].network for k in indices])
+            self._grouped_for = indices
+        return indices
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Outputs of the active members: `[B, ...]` → `[K_active, B, ...]`."""
+        return self.grouped(inputs)
+
+    def _losses(
+        self, inputs: torch.Tensor, target: torch.Tensor, indices: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs = self(inputs)  # [K, B, ...]
+        if self.cross_entropy:
+            return outputs, cross_entropy_per_adapter(outputs, target)
+        pairs = zip(indices, outputs.unbind(0), strict=True)
+        return outputs, torch.stack([self.members[k].loss(out, target) for k, out in pairs])
+
+    def _accumulate(
+        self,
+        split: str,
+        indices: list[int],
+        outputs: torch.Tensor,
+        losses: torch.Tensor,
+        target: torch.Tensor,
+    ) -> None:
+        """Add a batch to the split's per-member `[loss·n, correct, n]` sums (on the device,
+        so a GPU step does not wait for them)."""
+        rows = torch.tensor(indices, device=losses.device)
+        batch = torch.zeros(len(indices), 3, dtype=self._sums[split].dtype, device=losses.device)
+        batch[:, 0] = losses.detach().to(batch.dtype) * target.shape[0]  # as Lightning weights
+        if self.classifier:
+            batch[:, 1] = (outputs.detach().argmax(dim=-1) == target).sum(dim=1).to(batch.dtype)
+        batch[:, 2] = target.shape[0]
+        self._sums[split].index_add_(0, rows, batch)
+
+    def _start(self, split: str) -> list[int]:
+        # float64 sums, as the sequential module keeps, where the device has float64
+        dtype = torch.float32 if self.device.type == "mps" else torch.float64
+        self._sums[split] = torch.zeros(len(self.members), 3, dtype=dtype, device=self.device)
+        return self._refresh()
+
+    def _epoch_metrics(self, split: str) -> dict[int, dict[str, float]]:
+        """Per active member `<split>_loss` (and `<split>_acc`), summed over every process."""
+        sums = self.trainer.strategy.reduce(self._sums[split], reduce_op="sum")
+        metrics: dict[int, dict[str, float]] = {}
+        for k in self.indices():
+            loss, correct, count = sums[k].tolist()
+            if count:
+                values = {f"{split}_loss": loss / count}
+                if self.classifier:
+                    values[f"{split}_acc"] = correct / count
+                # float32, as Lightning logs and returns them
+                metrics[k] = {
+                    n: float(torch.tensor(v, dtype=torch.float32)) for n, v in values.items()
+                }
+        return metrics
+
+    def _log_rows(self, metrics: dict[int, dict[str, float]], epoch: int, step: int) -> None:
+        for k, values in metrics.items():
+            for logger in self.member_loggers[k]:
+                logger.log_metrics({**values, "epoch": epoch}, step=step)
+
+    # -- training -----------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        self._start("train")
+
+    def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
+        inputs, target = batch
+        indices = self._refresh()
+        if not indices:  # every member has failed: nothing left to train
+            self.trainer.should_stop = True
+            return
+        outputs, losses = self._losses(inputs, target, indices)
+        finite = torch.isfinite(losses.detach()).tolist()
+        # An adapter's parameters reach only its own loss, so the sum's gradient is each
+        # member's own; a non-finite loss is left out so it cannot spread.
+        kept = [i for i, ok in enumerate(finite) if ok]
+        if kept:
+            self.manual_backward(losses.sum() if len(kept) == len(finite) else losses[kept].sum())
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        for k, ok in zip(indices, finite, strict=True):
+            if ok:
+                optimizers[k].step()
+            optimizers[k].zero_grad(set_to_none=True)
+        self._accumulate("train", indices, outputs, losses, target)
+        self.batches_seen += 1
+        for k, ok in zip(indices, finite, strict=True):
+            if not ok:  # the message the sequential module raises with
+                self.active[k] = False
+                self.errors[k] = (
+                    f"training loss is not finite at epoch {self.current_epoch} batch "
+                    f"{batch_idx}; try a lower learning rate"
+                )
+
+    def on_train_epoch_end(self) -> None:
+        # Lightning calls this before ModelCheckpoint saves the epoch, so the rows are on disk
+        # and the schedulers stepped when the resume checkpoint is written.
+        trained = self._epoch_metrics("train")
+        step = int(self.batches_seen) - 1
+        self._log_rows(trained, self.current_epoch, step)
+        for k in self.indices():
+            scheduler = self._schedulers[k]
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                if k in self.val_metrics:
+                    scheduler.step(self.val_metrics[k]["val_loss"])
+            elif scheduler is not None:
+                scheduler.step()
+        for logger in {id(lg): lg for group in self.member_loggers for lg in group}.values():
+            logger.save()
+
+    # -- validation and test ------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._start("val")
+
+    def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
+        inputs, target = batch
+        indices = self._grouped_for
+        outputs, losses = self._losses(inputs, target, indices)
+        self._accumulate("val", indices, outputs, losses, target)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        self.val_metrics = self._epoch_metrics("val")
+        self._log_rows(self.val_metrics, self.current_epoch, int(self.batches_seen) - 1)
+        if self.val_metrics:
+            best = min(m["val_loss"] for m in self.val_metrics.values())
+            self.log("val_loss_best", best, prog_bar=True, logger=False, sync_dist=False)
+
+    def on_test_epoch_start(self) -> None:
+        self._start("test")
+
+    def test_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
+        inputs, target = batch
+        indices = self._grouped_for
+        outputs, losses = self._losses(inputs, target, indices)
+        self._accumulate("test", indices, outputs, losses, target)
+        if self.classifier:
+            for k, out in zip(indices, outputs.unbind(0), strict=True):
+                self.members[k].metrics["test_per_class"].update(out, target)
+
+    def on_test_epoch_end(self) -> None:
+        self.test_metrics = self._epoch_metrics("test")
+        for k in self.test_metrics:
+            self.members[k].on_test_epoch_end()  # per-class test accuracy, as after its own test
+
+    # -- optimizers and checkpoints -----------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        optimizers, self._schedulers = [], []
+        for member in self.members:
+            member.optimizer_factory = single_kernel(member.optimizer_factory)
+            configured = member.configure_optimizers()
+            scheduler = None
+            if isinstance(configured, dict):
+                configured, scheduler = configured["optimizer"], configured["lr_scheduler"]
+                scheduler = scheduler["scheduler"]
+            optimizers.append(configured)
+            self._schedulers.append(scheduler)
+        # Listed so that checkpoints save and restore them; the module steps them itself.
+        schedulers = [s for s in self._schedulers if s is not None]
+        return (optimizers, schedulers) if schedulers else optimizers
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Dropout draws from torch's global generator: keep its state so a resumed run draws
+        # the same masks as an uninterrupted one (the data order is fixed by seed and epoch).
+        checkpoint["torch_rng_state"] = torch.get_rng_state()
+        checkpoint["member_errors"] = list(self.errors)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("torch_rng_state")
+        if state is not None:
+            torch.set_rng_state(state)
+        self.errors = list(checkpoint.get("member_errors", self.errors))

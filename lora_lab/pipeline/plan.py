@@ -1,0 +1,176 @@
+"""Plan a study: its runs in order, their per-run configs, names and identities, and the
+input checks that must pass before anything trains or is written."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lora_lab.lora import LoRAConfig, inject_lora
+from lora_lab.pipeline.resume import run_identity
+from lora_lab.pipeline.stages import adapter_name_for, run_id_for, stage_config
+
+
+class StudyError(ValueError):
+    """Bad study input, found before any training starts."""
+
+
+@dataclass
+class PlannedRun:
+    """One run of the study: its stage, seed, rank, per-run config and identity.
+
+    `alpha` and `learning_rate` are set only when the sweep varies them (`sweep.alphas`,
+    `sweep.learning_rates`); `adapter` is the LoRA run's folder under `adapters/`.
+    """
+
+    stage: str
+    seed: int
+    rank: int | None = None
+    alpha: float | None = None
+    learning_rate: float | None = None
+    epochs: int = 0
+    cfg: DictConfig = field(repr=False, default=None)  # type: ignore[assignment]
+    run_id: str = ""
+    identity: str = ""
+    adapter: str = ""
+
+    def label(self) -> str:
+        if self.stage != "lora":
+            return self.stage
+        swept = f" alpha={self.alpha:g}" if self.alpha is not None else ""
+        swept += f" lr={self.learning_rate:g}" if self.learning_rate is not None else ""
+        return f"lora rank={self.rank}{swept} seed={self.seed}"
+
+
+def _ranks(cfg: DictConfig) -> list[int]:
+    ranks = cfg.sweep.ranks
+    if ranks is None or isinstance(ranks, (str, int)) or len(ranks) == 0:
+        raise StudyError(
+            f"sweep.ranks={ranks!r} must be a non-empty list of integers ≥ 1, e.g. sweep.ranks=[1,2,4,8]"
+        )
+    return list(ranks)
+
+
+def _grid(cfg: DictConfig, key: str, example: str) -> list[float | None]:
+    """The values of an optional sweep dimension: `[None]` (not swept) for null or [].
+
+    Raises:
+        StudyError: for a value that is not a list of positive numbers.
+    """
+    values = cfg.sweep.get(key)
+    if values is None:
+        return [None]
+    if isinstance(values, (str, int, float)):
+        raise StudyError(f"sweep.{key}={values!r} must be a list, e.g. sweep.{key}={example}")
+    for value in values:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value <= 0
+        ):
+            raise StudyError(
+                f"sweep.{key} holds {value!r}; it must list positive numbers, e.g. sweep.{key}={example}"
+            )
+    return [float(value) for value in values] or [None]
+
+
+def sweep_jobs(cfg: DictConfig) -> int:
+    """`sweep.jobs`: how many runs go at a time (1 when absent).
+
+    Raises:
+        StudyError: for anything but an integer ≥ 1.
+    """
+    jobs = cfg.sweep.get("jobs", 1)
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise StudyError(f"sweep.jobs={jobs!r} must be an integer ≥ 1, e.g. sweep.jobs=2")
+    return jobs
+
+
+def plan(cfg: DictConfig) -> list[PlannedRun]:
+    """The runs of a study, in order, with their per-run configs; validates before training.
+
+    Raises:
+        StudyError / ValueError: on bad input (bad ranks, bad LoRA values, targets that match
+            nothing, bad data arguments), before anything is trained or written.
+    """
+    seeds = list(cfg.sweep.seeds) if cfg.sweep.seeds is not None else [int(cfg.seed)]
+    if not seeds:
+        raise StudyError("sweep.seeds=[] must list at least one seed, e.g. sweep.seeds=[0,1,2]")
+    sweep_jobs(cfg)
+    # `lora.rank` itself is replaced by each of sweep.ranks, but a bad value is still an error.
+    LoRAConfig(**OmegaConf.to_container(cfg.lora, resolve=True))
+    alphas = _grid(cfg, "alphas", "[1,8,32]")
+    learning_rates = _grid(cfg, "learning_rates", "[1e-4,1e-3]")
+    runs = [PlannedRun("pretrain", int(cfg.seed)), PlannedRun("full_finetune", int(cfg.seed))]
+    runs += [
+        PlannedRun("lora", int(seed), rank, alpha, learning_rate)
+        for seed, rank, alpha, learning_rate in itertools.product(
+            seeds, _ranks(cfg), alphas, learning_rates
+        )
+    ]
+    # Names carry a swept dimension only when it has several values, so the default layout
+    # (`lora_r8_a8_s0`, `adapters/rank_8_seed_0`) stays as it was.
+    name_alpha, name_lr = len(alphas) > 1, len(learning_rates) > 1
+    for run in runs:
+        run.cfg = stage_config(
+            cfg,
+            run.stage,
+            rank=run.rank,
+            seed=run.seed,
+            alpha=run.alpha,
+            learning_rate=run.learning_rate,
+        )
+        run.epochs = int(run.cfg.trainer.max_epochs)
+        alpha = float(run.cfg.lora.alpha) if run.stage == "lora" else None
+        learning_rate = run.learning_rate if name_lr else None
+        run.run_id = run_id_for(run.stage, run.rank, alpha, run.seed, learning_rate)
+        if run.stage == "lora":
+            run.adapter = adapter_name_for(
+                run.rank, run.seed, run.alpha if name_alpha else None, learning_rate
+            )
+        upstream = None if run.stage == "pretrain" else runs[0].identity
+        run.identity = run_identity(run.cfg, upstream)
+    duplicates = sorted(n for n, count in Counter(r.run_id for r in runs).items() if count > 1)
+    if duplicates:
+        raise StudyError(
+            f"the sweep lists the same run more than once ({', '.join(duplicates)}); "
+            "check sweep.ranks, sweep.alphas, sweep.learning_rates and sweep.seeds for repeats"
+        )
+    check_lora(runs[-1].cfg, [run.cfg for run in runs if run.stage == "lora"])
+    check_data([run.cfg for run in runs])
+    return runs
+
+
+def check_lora(stage_cfg: DictConfig, lora_cfgs: Sequence[DictConfig]) -> None:
+    """Validate every run's LoRAConfig, and that the targets match layers of the network
+    (by injecting into a throwaway network, before any training)."""
+    for run_cfg in lora_cfgs:
+        LoRAConfig(**OmegaConf.to_container(run_cfg.lora, resolve=True))
+    lora_logger = logging.getLogger("lora_lab.lora")
+    level = lora_logger.level
+    lora_logger.setLevel(logging.ERROR)  # size warnings belong to the real runs, not this check
+    try:
+        config = LoRAConfig(**OmegaConf.to_container(stage_cfg.lora, resolve=True))
+        inject_lora(instantiate(stage_cfg.model), config)
+    finally:
+        lora_logger.setLevel(level)
+
+
+def check_data(run_cfgs: Sequence[DictConfig]) -> None:
+    """Build each distinct data config once (no loading): bad class names, sizes or dataset
+    arguments fail here, before any training."""
+    seen: list[Any] = []
+    for run_cfg in run_cfgs:
+        data = OmegaConf.to_container(run_cfg.data, resolve=True)
+        if data not in seen:
+            seen.append(data)
+            instantiate(run_cfg.data)
