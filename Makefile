@@ -9,7 +9,7 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data sweep test test-full bench lint format clean
+.PHONY: help setup data sweep test test-full bench bench-gpu lint format clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -58,8 +58,12 @@ test:  ## the default test suite (under 10 minutes on 2 cores)
 test-full:  ## every test, slow ones included
 	$(PY) -m pytest -q
 
-bench:  ## benchmarks: print ratios measured side by side
-	@for b in bench/[!_]*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+bench:  ## benchmarks: print ratios measured side by side (not gpu_check.py: make bench-gpu)
+	@for b in bench/[!_]*.py; do \
+	  [ "$$b" = bench/gpu_check.py ] && continue; echo "== $$b"; $(PY) $$b || exit 1; done
+
+bench-gpu:  ## fused vs sequential on a CUDA device: exactness, bf16-mixed, a 21-run grid
+	$(PY) bench/gpu_check.py
 
 lint:  ## ruff
 	$(VENV)/bin/ruff check .

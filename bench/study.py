@@ -4,10 +4,11 @@ straightforward reference.
 All run the seed-shaped budget on the real Fashion-MNIST: 784-64-64-10 MLP, Adam lr 2e-4,
 batch 1024, 5 pretrain epochs, 5 full-finetune epochs, LoRA ranks 1–64 × 5 epochs. Each runs
 in its own subprocess of this one, one after the other, timed by wall clock (imports included).
-Prints the accuracy tables and the ratios: sequential / reference (target ≤ 0.10), fused /
-reference (target ≤ 0.05), and the LoRA stage alone, fused / sequential (target ≤ 0.35, timed
-from the full-finetune result to the last LoRA result). Then both sweeps run the other seeds
-(untimed) and the per-rank mean accuracies over all seeds are compared (within 0.5 points).
+Prints the accuracy tables and the ratios: sequential (`sweep.fused=false`) / reference, the
+default path (fused) / reference (target ≤ 0.10, moonshot ≤ 0.05), and the LoRA stage alone,
+fused / sequential (target ≤ 0.35, timed from the full-finetune result to the last LoRA
+result). Then both sweeps run the other seeds (untimed) and the per-rank mean accuracies over
+all seeds are compared (within 0.5 points).
 
 Usage: python bench/study.py [--epochs N] [--ranks 1,2,4,...] [--seeds 0,1,2]
 """
@@ -76,8 +77,8 @@ def main() -> None:
             ),
             f"data.cache_dir={tmp_path / 'cache'}",
         ]
-        cli = [sys.executable, "-m", "lora_lab.cli", "sweep", *study_args]
-        fused_cmd = [*cli, "sweep.fused=true"]
+        fused_cmd = [sys.executable, "-m", "lora_lab.cli", "sweep", *study_args]  # the default
+        cli = [*fused_cmd, "sweep.fused=false"]
 
         def run(cmd: list[str], out: Path, run_seeds: list[str]) -> float:
             return timed([*cmd, f"output_dir={out}", f"sweep.seeds=[{','.join(run_seeds)}]"])
@@ -148,10 +149,11 @@ def report(
         f"\nwall time: sequential {seconds['sequential']:.1f} s, fused {seconds['fused']:.1f} s, "
         f"reference {seconds['reference']:.1f} s"
     )
+    print(f"ratio sequential / reference = {seconds['sequential'] / seconds['reference']:.3f}")
     print(
-        f"ratio sequential / reference = {verdict(seconds['sequential'] / seconds['reference'], 0.10)}"
+        f"ratio default (fused) / reference = {verdict(seconds['fused'] / seconds['reference'], 0.10)}"
+        "  (moonshot ≤ 0.05)"
     )
-    print(f"ratio fused / reference = {verdict(seconds['fused'] / seconds['reference'], 0.05)}")
     print(
         f"LoRA stage: sequential {stage['sequential']:.1f} s, fused {stage['fused']:.1f} s; "
         f"ratio fused / sequential = {verdict(stage['fused'] / stage['sequential'], 0.35)}"
