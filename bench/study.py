@@ -32,12 +32,37 @@ HERE = Path(__file__).resolve().parent
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
+STARTED: dict[str, float] = {}  # output folder -> wall-clock start of its command
+
+
 def timed(cmd: list[str]) -> float:
     start = time.perf_counter()
+    out = next((a.removeprefix("output_dir=") for a in cmd if a.startswith("output_dir=")), "")
+    STARTED[out] = time.time()
     done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if done.returncode:
         sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    STARTED[out + ":end"] = time.time()
     return time.perf_counter() - start
+
+
+def phases(study: Path) -> str:
+    """Where a study's wall time went, from its files' times: start-up (imports, config,
+    planning), pretrain, full finetune, the LoRA stage, the report, and the exit."""
+    marks = [
+        ("start-up", study / "study.json"),
+        ("pretrain", study / "runs" / "pretrain" / "result.json"),
+        ("full finetune", study / "runs" / "full_finetune" / "result.json"),
+        ("LoRA", max((study / "runs").glob("lora_*/result.json"), key=lambda p: p.stat().st_mtime)),
+        ("report", study / "report.md"),
+    ]
+    last, parts = STARTED[str(study)], []
+    for name, path in marks:
+        now = path.stat().st_mtime
+        parts.append(f"{name} {now - last:.1f} s")
+        last = now
+    parts.append(f"exit {STARTED[str(study) + ':end'] - last:.1f} s")
+    return ", ".join(parts)
 
 
 def lora_stage_seconds(study: Path) -> float:
@@ -119,6 +144,8 @@ def main() -> None:
                 run(cmd, tmp_path / f"{name}_more", seeds[1:])
                 more = pd.read_csv(tmp_path / f"{name}_more" / "results.csv")[columns]
                 lora[name] = pd.concat([lora[name], more[more.stage == "lora"]])
+        for name in ("sequential", "fused"):
+            print(f"{name}: {phases(tmp_path / name)}")
     report(tables, lora, reference, seconds, stage, seeds)
 
 

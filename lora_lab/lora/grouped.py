@@ -104,8 +104,11 @@ class GroupedLoRALinear(nn.Module):
         )
 
     def _forward_stacked(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and any(self.dropouts):
-            return self._forward_stacked_dropout(x)
+        # Under autocast the merged weight W + s·BA would be rounded to bf16/fp16, losing
+        # updates below half a step of W; the factored path keeps the adapter branch apart,
+        # as LoRALinear does.
+        if (self.training and any(self.dropouts)) or torch.is_autocast_enabled(x.device.type):
+            return self._forward_stacked_factored(x)
         # Merged form: x_k (W + s_k B_k A_k)ᵀ. The same function as base + adapter path, but one
         # bmm for all K adapters whatever their ranks, and B·in·out work per adapter instead of
         # the base GEMM plus B·r·(in + out) for the factors.
@@ -118,7 +121,7 @@ class GroupedLoRALinear(nn.Module):
             return torch.bmm(x, weights)
         return torch.baddbmm(bias, x, weights)  # [K, B, out]
 
-    def _forward_stacked_dropout(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_stacked_factored(self, x: torch.Tensor) -> torch.Tensor:
         # Dropout acts on the adapter input only, so the factors must run on their own.
         base = self.base_layer(x)  # [K, B, out]
         outputs = []

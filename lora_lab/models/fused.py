@@ -175,7 +175,11 @@ class FusedLoRAModule(L.LightningModule):
             self.trainer.should_stop = True
             return
         outputs, losses = self._losses(inputs, target, indices)
-        finite = torch.isfinite(losses.detach()).tolist()
+        # Every process must drop the same members: a loss non-finite anywhere counts.
+        bad = self.trainer.strategy.reduce(
+            (~torch.isfinite(losses.detach())).float(), reduce_op="sum"
+        )
+        finite = (bad == 0).tolist()
         # An adapter's parameters reach only its own loss, so the sum's gradient is each
         # member's own; a non-finite loss is left out so it cannot spread.
         kept = [i for i, ok in enumerate(finite) if ok]
@@ -269,10 +273,18 @@ class FusedLoRAModule(L.LightningModule):
         # Dropout draws from torch's global generator: keep its state so a resumed run draws
         # the same masks as an uninterrupted one (the data order is fixed by seed and epoch).
         checkpoint["torch_rng_state"] = torch.get_rng_state()
+        if torch.cuda.is_initialized():  # dropout on a GPU draws from the CUDA generators
+            checkpoint["cuda_rng_state"] = torch.cuda.get_rng_state_all()
         checkpoint["member_errors"] = list(self.errors)
+        # A scheduler that steps on validation epochs only still sees the last val_loss.
+        checkpoint["member_val_metrics"] = dict(self.val_metrics)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("torch_rng_state")
         if state is not None:
             torch.set_rng_state(state)
+        cuda_state = checkpoint.get("cuda_rng_state")
+        if cuda_state is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda_state)
         self.errors = list(checkpoint.get("member_errors", self.errors))
+        self.val_metrics = dict(checkpoint.get("member_val_metrics", {}))

@@ -111,6 +111,12 @@ def _unsupported(run_cfg: DictConfig) -> str | None:
     for key, why in UNSUPPORTED_TRAINER.items():
         if trainer.get(key) not in allowed[key]:
             return f"trainer.{key}={trainer[key]!r}: {why}"
+    if str(trainer.get("precision")) in ("16-mixed", "16", "16-true"):
+        # Lightning's gradient scaler updates after every optimizer step: K times a batch.
+        return (
+            f"trainer.precision={trainer['precision']!r}: the fp16 gradient scaler would update "
+            "once per member; fused passes run in 32-true, bf16-mixed or bf16-true"
+        )
     network = instantiate(run_cfg.model)
     inject_lora(network, LoRAConfig(**_plain(run_cfg.lora)))
     try:
@@ -198,8 +204,11 @@ def run_fused(
         _say(f"fused: {describe(group)}: {len(group)} runs train in one pass")
         try:
             results += run_fused_group(group, study_dir, pretrained, env)
-        except GroupingError as error:  # the networks do not fuse: the sequential way
-            _say(f"not fused: {describe(group)}: {error}; they run one after another")
+        except Exception as error:  # never lose the runs: they go the sequential way
+            # the last line: a spawned worker's error carries its whole traceback
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            text = lines[-1] if lines else type(error).__name__
+            _say(f"not fused: {describe(group)}: {text}; they run one after another")
             sequential += group
     order = {id(run): index for index, run in enumerate(runs)}
     return results, sorted(sequential, key=lambda run: order[id(run)])
@@ -299,6 +308,9 @@ def build_pass(
 ) -> tuple[list[Member], FusedLoRAModule, Any]:
     """The members, their fused module and the shared DataModule of one pass.
 
+    The members' networks share one set of frozen weights (`share_frozen`): merging one of
+    them (`merge_lora`) would change the others too, so the pass never merges.
+
     Raises:
         GroupingError: If the networks cannot be fused.
     """
@@ -348,7 +360,7 @@ def run_fused_group(
     for member in members:
         for logger in member.loggers:
             logger.log_hyperparams(datamodule.hparams)  # hparams.yaml, as the Trainer writes
-    L.seed_everything(int(cfg.seed), verbose=False)  # reproducible dropout
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)  # reproducible dropout
     retain_freed_memory()
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
@@ -360,9 +372,13 @@ def run_fused_group(
     tester = trainer if trainer.world_size == 1 else single_device_trainer(cfg, pass_dir)
     if module.indices():
         tester.test(module, datamodule=datamodule, verbose=False)
+    # Under a multi-process strategy the workers wrote the members' logs; the parent's loggers
+    # never saw those rows, and a CSV logger would rewrite the file with the test row alone
+    # (the sequential path tests without a logger then, too).
+    log_test = trainer.world_size == 1
     results = [
-        _finish(k, member, module, datamodule, pretrained, study_dir, pass_id, seconds, epochs)
-        for k, member in enumerate(members)
+        _finish(k, m, module, datamodule, pretrained, study_dir, pass_id, seconds, epochs, log_test)
+        for k, m in enumerate(members)
     ]
     for member, result in zip(members, results, strict=True):
         record(member.cfg, study_dir, result, env)
@@ -380,8 +396,10 @@ def _finish(
     pass_id: str,
     seconds: float,
     epochs: int,
+    log: bool = True,
 ) -> dict[str, Any]:
-    """Member k's row: its test row logged, its adapter saved, its loggers finalised."""
+    """Member k's row: its test row logged (if `log`), its adapter saved, its loggers
+    finalised."""
     tested = module.test_metrics.get(k)
     if tested is None:
         error = FloatingPointError(module.errors[k] or "training loss is not finite")
@@ -390,7 +408,7 @@ def _finish(
         result = failed_result(member.run, error, pass_id)
         print(f"FAILED {member.run.label()}: {result['error']}", file=sys.stderr, flush=True)
         return result
-    for logger in member.loggers:
+    for logger in member.loggers if log else []:
         logger.log_metrics({**tested, "epoch": epochs}, step=int(module.batches_seen))
         logger.finalize("success")
     save_adapter(member.module.network, study_dir / "adapters" / member.run.adapter)

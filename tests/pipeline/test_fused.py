@@ -342,3 +342,23 @@ def test_a_bf16_mixed_pass_trains_under_lightning_autocast(tmp_path: Path):
     assert [row["status"] for row in rows] == ["ok", "ok"]
     assert rows[0]["pass"] == rows[1]["pass"] and rows[0]["pass"].startswith("fused_")
     assert all(math.isfinite(row["test_loss"]) for row in rows)
+
+
+def test_under_autocast_small_adapter_updates_still_count():
+    # bf16 rounds a merged weight W + s·BA to ~0.4 % of |W|: the grouped layers must keep the
+    # adapter branch apart under autocast, as each network's own LoRALinear does.
+    networks = []
+    for scale in (1e-4, 2e-4):
+        torch.manual_seed(0)
+        network = MLP(input_shape=(32,), num_classes=8, hidden_sizes=(16, 16))
+        inject_lora(network, LoRAConfig(rank=2, alpha=2))
+        with torch.no_grad():
+            for layer in lora_layers(network).values():
+                layer.lora_B.weight.fill_(scale)
+        networks.append(network)
+    grouped = group_networks(networks)
+    inputs = torch.randn(64, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        together = grouped(inputs).float()
+        alone = torch.stack([network(inputs) for network in networks]).float()
+    assert torch.equal(together, alone)

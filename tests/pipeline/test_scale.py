@@ -452,20 +452,24 @@ def test_lora_trains_every_adapter_and_nothing_frozen():
 
 
 @pytest.mark.slow
-def test_ddp_sweep_on_two_cpu_processes(tmp_path: Path, tiny_overrides: list[str]):
+@pytest.mark.parametrize("fused", [False, True], ids=["sequential", "fused"])
+def test_ddp_sweep_on_two_cpu_processes(tmp_path: Path, tiny_overrides: list[str], fused: bool):
     out = tmp_path / "study"
-    overrides = [*tiny_overrides, "sweep.ranks=[1,2]", "trainer=ddp"]
+    overrides = [*tiny_overrides, "sweep.ranks=[1,2]", "trainer=ddp", f"sweep.fused={fused}"]
     assert main(["sweep", *overrides, f"output_dir={out}"]) == 0
     table = pd.read_csv(out / "results.csv")
     assert table.run_id.tolist() == ["pretrain", "full_finetune", "lora_r1_a1_s0", "lora_r2_a2_s0"]
     assert (table.status == "ok").all() and (table.epochs == 1).all()
     assert table.per_class_acc.map(lambda text: len(json.loads(text)) == 10).all()
-    for run_dir in table.run_dir:
+    # A fused pass trains its members under one Trainer: one replica check for the pass.
+    checked = [*table.run_dir[:2], *sorted(out.glob("passes/*"))] if fused else table.run_dir
+    assert table["pass"].nunique() == (3 if fused else 4)
+    for run_dir in checked:
         replicas = json.loads((out / run_dir / REPLICAS_FILE).read_text())
         assert replicas["world_size"] == 2
         assert len(set(replicas["digests"])) == 1, "the processes' trainable weights differ"
     # The adapter rank 0 saved is the one every process trained.
-    for rank in (1, 2):
+    for rank in (1, 2) if not fused else ():
         network = MLP()
         load_network_weights(network, out / "checkpoints" / "pretrain.safetensors")
         load_adapter(network, out / "adapters" / f"rank_{rank}_seed_0")
