@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
+from _compare import print_mean_gap  # bench/ is the script's folder
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -88,14 +89,7 @@ def main() -> None:
             for name, table in lora.items()
         }
     )
-    means["difference"] = means.fused - means.sequential
-    gap = means.difference.abs().max()
-    print(f"\nLoRA test accuracy, mean over seeds {args.seeds}:")
-    print(means.reset_index().to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    print(
-        f"largest |fused - sequential| of the means: {100 * gap:.2f} points  (target ≤ 0.50)  "
-        f"{'PASS' if gap <= 0.005 else 'FAIL'}"
-    )
+    print_mean_gap(means, "fused", "sequential", args.seeds)
 
 
 if __name__ == "__main__":

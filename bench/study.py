@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+from _compare import print_mean_gap  # bench/ is the script's folder
 
 HERE = Path(__file__).resolve().parent
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -197,14 +198,7 @@ def report(
             for statistic in ("mean", "count")
         }
     )
-    means["difference"] = means.mean_fused - means.mean_sequential
-    gap = means.difference.abs().max()
-    print(f"\nLoRA test accuracy, mean over seeds {','.join(seeds)}:")
-    print(means.reset_index().to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    print(
-        f"largest |fused - sequential| of the means: {100 * gap:.2f} points  (target ≤ 0.50)  "
-        f"{'PASS' if gap <= 0.005 else 'FAIL'}"
-    )
+    print_mean_gap(means, "mean_fused", "mean_sequential", ",".join(seeds))
 
 
 if __name__ == "__main__":
