@@ -6,8 +6,10 @@ same init); the fused module adds no forward code of its own. It groups the memb
 once, and the K adapters' activations are stacked `[K, B, ...]` after it. The loss is the sum
 of the K per-member losses, so every adapter gets exactly the gradient it would get alone.
 
-Manual optimization, one optimizer per member: each keeps its own optimizer state, learning
-rate, scheduler (ReduceLROnPlateau steps on the member's own `val_loss`) and dropout masks.
+Manual optimization: each member keeps its own optimizer state, learning rate, scheduler
+(ReduceLROnPlateau steps on the member's own `val_loss`) and dropout masks. Members whose
+optimizers differ only in learning rate share one optimizer with a param group each
+(`member_optim`), which computes the same and steps once a batch; others get one each.
 The stock `Trainer` drives it, so devices, precision, DDP, checkpoints and resume, and the
 progress bar are Lightning's. Each member's epoch rows go to that member's own loggers, as its
 sequential run would write them; a member whose loss turns non-finite stops alone.
@@ -15,7 +17,6 @@ sequential run would write them; a member whose loss turns non-finite stops alon
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,36 +26,10 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 
 from lora_lab.lora.grouped import cross_entropy_per_adapter, group_networks, share_frozen
+from lora_lab.models.member_optim import member_optimizers
 from lora_lab.models.module import ClassifierModule
 
 SPLITS = ("train", "val", "test")
-
-
-def single_kernel(factory: Any) -> Any:
-    """The optimizer factory with `fused=True` when the optimizer offers it and the config
-    leaves the implementation to torch (no `fused` / `foreach` given).
-
-    The same algorithm in one kernel per step: K members take K optimizer steps per batch,
-    and torch's default per-parameter loop on CPU was a quarter of a fused step (Adam, 6
-    tensors per adapter). Results differ only in float rounding.
-    """
-    keywords = getattr(factory, "keywords", None)
-    target = getattr(factory, "func", None)
-    if not isinstance(keywords, dict) or not isinstance(target, type):
-        return factory
-    if keywords.get("fused") is not None or keywords.get("foreach") is not None:
-        return factory
-    if "fused" not in inspect.signature(target).parameters:
-        return factory
-
-    def fused_factory(params: Any) -> torch.optim.Optimizer:
-        params = list(params)
-        try:
-            return factory(params, fused=True)
-        except (RuntimeError, TypeError, ValueError):  # e.g. a dtype or device without a kernel
-            return factory(params)
-
-    return fused_factory
 
 
 class FusedLoRAModule(L.LightningModule):
@@ -90,6 +65,7 @@ class FusedLoRAModule(L.LightningModule):
         self.cross_entropy = all(type(m).loss is ClassifierModule.loss for m in members)
         self._sums: dict[str, torch.Tensor] = {}
         self._schedulers: list[Any] = []
+        self._scheduler_states: list[Any] = []
         self.val_metrics: dict[int, dict[str, float]] = {}
         self.test_metrics: dict[int, dict[str, float]] = {}
 
@@ -129,13 +105,24 @@ class FusedLoRAModule(L.LightningModule):
     ) -> None:
         """Add a batch to the split's per-member `[loss·n, correct, n]` sums (on the device,
         so a GPU step does not wait for them)."""
-        rows = torch.tensor(indices, device=losses.device)
-        batch = torch.zeros(len(indices), 3, dtype=self._sums[split].dtype, device=losses.device)
-        batch[:, 0] = losses.detach().to(batch.dtype) * target.shape[0]  # as Lightning weights
-        if self.classifier:
-            batch[:, 1] = (outputs.detach().argmax(dim=-1) == target).sum(dim=1).to(batch.dtype)
-        batch[:, 2] = target.shape[0]
+        rows = self._rows(indices, losses.device)
+        count = torch.full_like(losses, target.shape[0], dtype=self._sums[split].dtype)
+        correct = (
+            (outputs.detach().argmax(dim=-1) == target).sum(dim=1).to(count.dtype)
+            if self.classifier
+            else torch.zeros_like(count)
+        )
+        # [loss·n, correct, n] per member; the loss weighted by batch size, as Lightning does
+        batch = torch.stack([losses.detach().to(count.dtype) * count, correct, count], dim=1)
         self._sums[split].index_add_(0, rows, batch)
+
+    def _rows(self, indices: list[int], device: torch.device) -> torch.Tensor:
+        """`indices` as a tensor on `device`, made once per set of active members."""
+        key = (tuple(indices), device)
+        if getattr(self, "_rows_key", None) != key:
+            self._rows_cache = torch.tensor(indices, device=device)
+            self._rows_key = key
+        return self._rows_cache
 
     def _start(self, split: str) -> list[int]:
         # float64 sums, as the sequential module keeps, where the device has float64
@@ -186,11 +173,15 @@ class FusedLoRAModule(L.LightningModule):
         if kept:
             self.manual_backward(losses.sum() if len(kept) == len(finite) else losses[kept].sum())
         optimizers = self.optimizers()
-        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        for k, ok in zip(indices, finite, strict=True):
-            if ok:
-                optimizers[k].step()
-            optimizers[k].zero_grad(set_to_none=True)
+        if not isinstance(optimizers, list):  # one optimizer shared by the members
+            # A member left out of the backward has no gradients: the step skips it.
+            optimizers.step()
+            optimizers.zero_grad(set_to_none=True)
+        else:
+            for k, ok in zip(indices, finite, strict=True):
+                if ok:
+                    optimizers[k].step()
+                optimizers[k].zero_grad(set_to_none=True)
         self._accumulate("train", indices, outputs, losses, target)
         self.batches_seen += 1
         for k, ok in zip(indices, finite, strict=True):
@@ -255,19 +246,14 @@ class FusedLoRAModule(L.LightningModule):
 
     # -- optimizers and checkpoints -----------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        optimizers, self._schedulers = [], []
-        for member in self.members:
-            member.optimizer_factory = single_kernel(member.optimizer_factory)
-            configured = member.configure_optimizers()
-            scheduler = None
-            if isinstance(configured, dict):
-                configured, scheduler = configured["optimizer"], configured["lr_scheduler"]
-                scheduler = scheduler["scheduler"]
-            optimizers.append(configured)
-            self._schedulers.append(scheduler)
-        # Listed so that checkpoints save and restore them; the module steps them itself.
-        schedulers = [s for s in self._schedulers if s is not None]
-        return (optimizers, schedulers) if schedulers else optimizers
+        # Schedulers stay with the module, which steps them and checkpoints their state: a
+        # member's scheduler may drive one param group of a shared optimizer.
+        optimizers, self._schedulers = member_optimizers(list(self.members))
+        for scheduler, state in zip(self._schedulers, self._scheduler_states, strict=False):
+            if scheduler is not None and state is not None:
+                scheduler.load_state_dict(state)
+        self._scheduler_states = []
+        return optimizers
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Dropout draws from torch's global generator: keep its state so a resumed run draws
@@ -276,6 +262,9 @@ class FusedLoRAModule(L.LightningModule):
         if torch.cuda.is_initialized():  # dropout on a GPU draws from the CUDA generators
             checkpoint["cuda_rng_state"] = torch.cuda.get_rng_state_all()
         checkpoint["member_errors"] = list(self.errors)
+        checkpoint["member_schedulers"] = [
+            s.state_dict() if s is not None else None for s in self._schedulers
+        ]
         # A scheduler that steps on validation epochs only still sees the last val_loss.
         checkpoint["member_val_metrics"] = dict(self.val_metrics)
 
@@ -288,3 +277,5 @@ class FusedLoRAModule(L.LightningModule):
             torch.cuda.set_rng_state_all(cuda_state)
         self.errors = list(checkpoint.get("member_errors", self.errors))
         self.val_metrics = dict(checkpoint.get("member_val_metrics", {}))
+        # Lightning calls configure_optimizers after this hook: it loads them.
+        self._scheduler_states = list(checkpoint.get("member_schedulers", []))
