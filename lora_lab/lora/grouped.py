@@ -142,7 +142,7 @@ class GroupedLoRALinear(nn.Module):
         if getattr(self, "_layout_key", None) != key:
             largest = max(self.ranks)
             index = [k * largest + j for k, rank in enumerate(self.ranks) for j in range(rank)]
-            scaling = [a.scaling for a, rank in zip(self.adapters, self.ranks) for _ in range(rank)]
+            scaling = [a.scaling for a in self.adapters for _ in range(a.rank)]
             self._layout_cache = (
                 torch.tensor(index, device=device),
                 torch.tensor(scaling, device=device, dtype=self.base_layer.weight.dtype),
