@@ -249,11 +249,20 @@ class FusedLoRAModule(L.LightningModule):
         # Schedulers stay with the module, which steps them and checkpoints their state: a
         # member's scheduler may drive one param group of a shared optimizer.
         optimizers, self._schedulers = member_optimizers(list(self.members))
+        self._load_scheduler_states()
+        return optimizers
+
+    def _load_scheduler_states(self) -> None:
+        """Give the schedulers the states a resumed checkpoint brought (once)."""
         for scheduler, state in zip(self._schedulers, self._scheduler_states, strict=False):
             if scheduler is not None and state is not None:
                 scheduler.load_state_dict(state)
         self._scheduler_states = []
-        return optimizers
+
+    def on_train_start(self) -> None:
+        # Strategies that restore after setup (DeepSpeed, FSDP) load the checkpoint after
+        # configure_optimizers: the states arrive here instead.
+        self._load_scheduler_states()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Dropout draws from torch's global generator: keep its state so a resumed run draws

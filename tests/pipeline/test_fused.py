@@ -26,6 +26,7 @@ from lora_lab.models import MLP, save_network_weights
 from lora_lab.models.fused import FusedLoRAModule
 from lora_lab.pipeline import fused
 from lora_lab.pipeline.plan import PlannedRun, plan
+from lora_lab.pipeline.stages import epoch_checkpoint
 from lora_lab.pipeline.sweep import execute
 
 PLATEAU = (
@@ -362,3 +363,43 @@ def test_under_autocast_small_adapter_updates_still_count():
         together = grouped(inputs).float()
         alone = torch.stack([network(inputs) for network in networks]).float()
     assert torch.equal(together, alone)
+
+
+def test_a_resumed_pass_continues_every_members_optimizer_and_schedule(tmp_path: Path):
+    """Stopped after epoch 2 and resumed from Lightning's checkpoint, a pass ends exactly where
+    an uninterrupted one ends: adapters, optimizer state and each member's plateau schedule."""
+    cfg = composed(
+        tmp_path,
+        "sweep.ranks=[1,4]",
+        "sweep.learning_rates=[1e-5,3e-2]",
+        "trainer.limit_train_batches=3",
+        "module.scheduler={_target_:torch.optim.lr_scheduler.ReduceLROnPlateau,"
+        "_partial_:true,patience:0,factor:0.5,threshold_mode:abs,threshold:-1e-3}",
+    )
+    runs = lora_runs(cfg)
+    pretrained = base_weights(cfg, tmp_path)
+
+    def fit(folder: Path, epochs: int, resume: Path | None = None) -> tuple[object, object]:
+        members, module, datamodule = fused.build_pass(runs, folder, pretrained)
+        trainer = instantiate(
+            members[0].cfg.trainer,
+            logger=False,
+            max_epochs=epochs,
+            enable_checkpointing=True,
+            callbacks=[epoch_checkpoint(folder)],
+        )
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+        return module, trainer
+
+    straight, straight_trainer = fit(tmp_path / "straight", 4)
+    fit(tmp_path / "first", 2)
+    resumed, resumed_trainer = fit(tmp_path / "second", 4, tmp_path / "first" / "last.ckpt")
+    lrs = [
+        [group["lr"] for opt in trainer.optimizers for group in opt.param_groups]
+        for trainer in (straight_trainer, resumed_trainer)
+    ]
+    assert lrs[0] == lrs[1]
+    assert any(lr < run.learning_rate for lr, run in zip(lrs[0], runs, strict=True))
+    for name, param in straight.named_parameters():
+        if param.requires_grad:
+            assert torch.allclose(param, resumed.get_parameter(name), atol=1e-6), name
