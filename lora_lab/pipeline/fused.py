@@ -20,11 +20,8 @@ Outputs are those of a sequential sweep: per run `runs/<run_id>/result.json`,
 from __future__ import annotations
 
 import copy
-import ctypes
-import ctypes.util
 import hashlib
 import itertools
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -33,18 +30,17 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lora_lab.lora import LoRAConfig, inject_lora, save_adapter
 from lora_lab.lora.grouped import GroupingError, check_groupable, check_grouped
 from lora_lab.models import ClassifierModule
 from lora_lab.models.fused import FusedLoRAModule
+from lora_lab.pipeline.cpu import ThreadChooser, retain_freed_memory
 from lora_lab.pipeline.plan import PlannedRun
 from lora_lab.pipeline.record import failed_result, record
-from lora_lab.pipeline.resume import CHECKPOINT_FILE
+from lora_lab.pipeline.resume import CHECKPOINT_FILE, flatten
 from lora_lab.pipeline.stages import (
     FinishedEpochs,
     adapter_name_for,
@@ -88,18 +84,8 @@ def _fusion_key(run_cfg: DictConfig) -> dict[str, Any]:
     return key
 
 
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for name, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flat(value, f"{prefix}{name}."))
-        else:
-            flat[f"{prefix}{name}"] = value
-    return flat
-
-
 def _differences(key: dict[str, Any], other: dict[str, Any]) -> list[str]:
-    mine, theirs = _flat(key), _flat(other)
+    mine, theirs = flatten(key), flatten(other)
     return sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
 
 
@@ -247,62 +233,6 @@ def pass_identity(group: Sequence[PlannedRun]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-class ThreadChooser(Callback):
-    """Picks intra-op threads for the training steps of a CPU pass: torch's count, or one.
-
-    On a small machine shared with other jobs, a fused step (hundreds of small ops) ran 3-20x
-    slower with two threads whenever another process held the second core, since every op
-    waits at the thread pool's barrier; on a free machine two threads are ~1.4x faster. So each
-    epoch starts by timing a few steps with each, keeps the faster, and drops to one thread if
-    a later step takes over twice the timed step. Speed only: MKL gave bit-identical GEMMs.
-    """
-
-    TRIAL = 4  # steps per candidate; the first is not timed (warm-up)
-
-    def __init__(self) -> None:
-        self.candidates = [torch.get_num_threads(), 1]
-        self.step_seconds = [math.inf, math.inf]
-        self.start = self.last = 0.0
-
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        now, elapsed = time.perf_counter(), time.perf_counter() - self.last
-        self.last = now
-        if self.candidates[0] == 1 or pl_module.device.type != "cpu":
-            return
-        phase, offset = divmod(batch_idx, self.TRIAL)
-        if phase <= 2 and offset == 0:
-            if phase > 0:
-                self.step_seconds[phase - 1] = (now - self.start) / (self.TRIAL - 1)
-            fastest = self.step_seconds.index(min(self.step_seconds))
-            torch.set_num_threads(self.candidates[phase if phase < 2 else fastest])
-        elif phase < 2 and offset == 1:
-            self.start = now
-        elif phase >= 2 and torch.get_num_threads() > 1 and elapsed > 2 * self.step_seconds[0]:
-            torch.set_num_threads(1)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        torch.set_num_threads(self.candidates[0])
-
-
-def retain_freed_memory() -> bool:
-    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back at once.
-
-    A fused step on the CPU allocates and frees activations of `[K, B, width]` (~2 MB each)
-    dozens of times. With glibc's defaults such blocks are mmapped, or the heap top trimmed, so
-    every step faults their pages in again; on the 2-core VM this was 15-45 % of a step. A 32 MB
-    mmap threshold and a 256 MB trim threshold keep the memory in the heap. Process-wide and
-    lasting; returns False where there is no glibc `mallopt`.
-    """
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
-    except (OSError, AttributeError, TypeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 256 << 20))
-
-
 def build_pass(
     group: Sequence[PlannedRun], study_dir: Path, pretrained: Path
 ) -> tuple[list[Member], FusedLoRAModule, Any]:
@@ -381,7 +311,7 @@ def run_fused_group(
         for k, m in enumerate(members)
     ]
     for member, result in zip(members, results, strict=True):
-        record(member.cfg, study_dir, result, env)
+        record(member.run.cfg, study_dir, result, env)  # as `execute` records it
     (pass_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # every row is on disk now
     return results
 
