@@ -212,11 +212,15 @@ class FusedLoRAModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._start("val")
 
-    def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
+    def _evaluate(self, split: str, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Add an eval batch to the split's sums; returns the outputs `[K_active, B, ...]`."""
         inputs, target = batch
-        indices = self._grouped_for
-        outputs, losses = self._losses(inputs, target, indices)
-        self._accumulate("val", indices, outputs, losses, target)
+        outputs, losses = self._losses(inputs, target, self._grouped_for)
+        self._accumulate(split, self._grouped_for, outputs, losses, target)
+        return outputs
+
+    def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
+        self._evaluate("val", batch)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
@@ -231,13 +235,10 @@ class FusedLoRAModule(L.LightningModule):
         self._start("test")
 
     def test_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
-        inputs, target = batch
-        indices = self._grouped_for
-        outputs, losses = self._losses(inputs, target, indices)
-        self._accumulate("test", indices, outputs, losses, target)
+        outputs = self._evaluate("test", batch)
         if self.classifier:
-            for k, out in zip(indices, outputs.unbind(0), strict=True):
-                self.members[k].metrics["test_per_class"].update(out, target)
+            for k, out in zip(self._grouped_for, outputs.unbind(0), strict=True):
+                self.members[k].metrics["test_per_class"].update(out, batch[1])
 
     def on_test_epoch_end(self) -> None:
         self.test_metrics = self._epoch_metrics("test")
