@@ -71,6 +71,9 @@ class BatchedDataModule(L.LightningDataModule):
                     f"{self.name}: config {key}={as_list!r} does not match the data ({actual!r})"
                 )
 
+    def check_source(self) -> None:
+        """Check, before any training, that the data can be had (a no-op for synthetic data)."""
+
     def _require(self, split: str) -> BatchTensorDataset:
         dataset = getattr(self, f"{split}_dataset")
         if dataset is None:

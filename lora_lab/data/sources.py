@@ -1,8 +1,10 @@
 """Where the files of a dataset come from, what they are, and how they decode.
 
-A source is searched in a fixed order: an explicit ``root``, ``$LORA_LAB_DATA``, the Debian
-package folder (Fashion-MNIST only), then ``<cache_dir>/downloads`` (filled by torchvision's
-own downloader when ``download=True``). The first folder holding a complete set of files wins.
+An explicit ``root`` (``data.root``) is the only place looked at: a root without the files is
+an error, never a hint (with ``download=True`` torchvision downloads into it). With no root, the
+standard places are searched in a fixed order: ``$LORA_LAB_DATA``, the Debian package folder
+(Fashion-MNIST only), then ``<cache_dir>/downloads`` (filled by torchvision's own downloader when
+``download=True``). The first folder holding a complete set of files wins.
 """
 
 from __future__ import annotations
@@ -89,11 +91,16 @@ def _complete_files(spec: DatasetSpec, directory: Path) -> tuple[tuple[Path, ...
 def _places(
     spec: DatasetSpec, root: str | Path | None, cache_dir: Path
 ) -> list[tuple[str, str, Path | None]]:
-    """The sources in search order as ``(kind, label, base folder or None if unset)``."""
+    """The sources in search order as ``(kind, label, base folder or None if unset)``.
+
+    The last place is where a download goes: the root when one is given, else the cache.
+    """
+    if root is not None:
+        base = Path(root).expanduser()
+        return [("root", f"data.root={base}", base)]
     env = os.environ.get(DATA_ENV)
     debian = _debian_dir(spec)
     places: list[tuple[str, str, Path | None]] = [
-        ("root", "data.root", Path(root).expanduser() if root is not None else None),
         ("env", DATA_ENV, Path(env).expanduser() if env else None),
     ]
     if debian is not None:
@@ -107,8 +114,9 @@ def locate(spec: DatasetSpec, root: str | Path | None, cache_dir: Path, download
 
     Args:
         spec: The dataset.
-        root: Explicit folder (``data.root``) or ``None``.
-        cache_dir: The cache folder; downloads go to ``<cache_dir>/downloads``.
+        root: Explicit folder (``data.root``), the only place looked at when given; ``None``
+            searches the standard places.
+        cache_dir: The cache folder; downloads go to ``<cache_dir>/downloads`` (or the root).
         download: Whether torchvision may download when no folder has the files.
 
     Returns:
@@ -118,7 +126,6 @@ def locate(spec: DatasetSpec, root: str | Path | None, cache_dir: Path, download
         DataError: naming every place searched and how to supply the files.
     """
     looked: list[str] = []
-    skipped: list[str] = []
     places = _places(spec, root, cache_dir)
     for kind, label, base in places:
         if base is None:
@@ -127,15 +134,10 @@ def locate(spec: DatasetSpec, root: str | Path | None, cache_dir: Path, download
         for directory in spec.candidate_dirs(base):
             files, why = _complete_files(spec, directory)
             if files is not None:
-                if skipped:
-                    # A wrong data.root is worth a warning even though the data is the same.
-                    log.warning(
-                        "%s: %s; using %s instead", spec.name, "; ".join(skipped), directory
-                    )
                 return Located(kind, directory, files)
-            looked.append(f"{label} {directory} ({why})")
-        if kind in ("root", "env"):
-            skipped.append(f"{label}={base} has no {spec.name} files")
+            looked.append(
+                f"{label} {directory} ({why})" if kind != "root" else f"{directory} ({why})"
+            )
     download_dir = places[-1][2]
     assert download_dir is not None
     if download:
@@ -143,9 +145,15 @@ def locate(spec: DatasetSpec, root: str | Path | None, cache_dir: Path, download
         for directory in spec.candidate_dirs(download_dir):
             files, _ = _complete_files(spec, directory)
             if files is not None:
-                return Located("download", directory, files)
+                return Located(places[-1][0], directory, files)
         raise DataError(
             f"{spec.name}: torchvision download into {download_dir} left no usable files"
+        )
+    if root is not None:
+        raise DataError(
+            f"{spec.name}: data.root={str(places[0][2])!r} holds no {spec.name} files "
+            f"(looked in: {'; '.join(looked)}); point data.root at the folder with "
+            f"{', '.join(spec.file_names[:2])}…, or leave it unset to search the standard places"
         )
     hint = "set data.root=DIR or LORA_LAB_DATA=DIR (the files, or torchvision's layout under it)"
     if _debian_dir(spec) is not None:

@@ -11,13 +11,16 @@ import torch
 from torch import Tensor
 
 from lora_lab.data.base import BatchedDataModule
-from lora_lab.data.cache import DecodedDataset, load_dataset
+from lora_lab.data.cache import DecodedDataset, load_dataset, resolve_cache_dir
 from lora_lab.data.classes import ClassSelection, resolve_classes
 from lora_lab.data.errors import DataError
 from lora_lab.data.loader import BatchTensorDataset, NormalizeImages, RandomCropFlip
+from lora_lab.data.sources import locate
 from lora_lab.data.specs import CIFAR10, FASHION_MNIST, MNIST, DatasetSpec
 
 log = logging.getLogger(__name__)
+# (dataset, folder) pairs whose "loaded from" line this process has logged.
+_ANNOUNCED: set[tuple[str, str]] = set()
 
 
 class VisionDataModule(BatchedDataModule):
@@ -132,6 +135,10 @@ class VisionDataModule(BatchedDataModule):
                 "cache hit": "cache hit",
                 "memory": "already in memory, cache",
             }[decoded.origin]
+            said = (self.name, str(decoded.located.directory))
+            if said in _ANNOUNCED:  # every run of a study loads the same files: say it once
+                return self.decoded
+            _ANNOUNCED.add(said)
             log.info(
                 "%s: loaded from %s (%s %s)",
                 self.name,
@@ -140,6 +147,15 @@ class VisionDataModule(BatchedDataModule):
                 decoded.cache_path,
             )
         return self.decoded
+
+    def check_source(self) -> None:
+        """Check, without reading them, that the data files are where this config says.
+
+        Raises:
+            DataError: the files are not found (unless ``download=True`` may fetch them).
+        """
+        if not self.download:
+            locate(self.spec, self.root, resolve_cache_dir(self.cache_dir), download=False)
 
     def prepare_data(self) -> None:
         """Download if allowed and needed, decode, and write the disk cache (once per node)."""

@@ -75,32 +75,38 @@ def test_debian_folder_is_used_for_fashion_mnist(
         _loaded(MNISTDataModule(val_size=5))
 
 
-def test_wrong_root_falls_through_with_a_warning(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("missing", ["empty", "nonexistent"])
+def test_a_given_root_without_files_is_an_error_not_a_fallback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, missing: str
 ) -> None:
+    # The Debian copy is there, but the user named another folder: no silent switch.
     debian = write_fake_mnist(tmp_path / "debian", n_train=40, n_test=10)
     monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", debian)
     (tmp_path / "empty").mkdir()
-    with caplog.at_level(logging.WARNING):
-        dm = _loaded(FashionMNISTDataModule(root=tmp_path / "empty", val_size=5))
-    assert dm.source == str(debian)
-    assert f"data.root={tmp_path / 'empty'} has no fashion_mnist files" in caplog.text
+    root = tmp_path / missing
+    for check in (
+        lambda: FashionMNISTDataModule(root=root).check_source(),
+        lambda: _loaded(FashionMNISTDataModule(root=root, val_size=5)),
+    ):
+        with pytest.raises(DataError) as info:
+            check()
+        message = str(info.value)
+        assert "\n" not in message
+        assert f"data.root={str(root)!r} holds no fashion_mnist files" in message
+        assert str(debian) not in message
 
 
 @pytest.mark.parametrize(
     "datamodule_class", [FashionMNISTDataModule, MNISTDataModule, CIFAR10DataModule]
 )
 def test_missing_files_error_names_every_place(
-    tmp_path: Path, isolated_data_env: Path, datamodule_class: type[MNISTDataModule]
+    isolated_data_env: Path, datamodule_class: type[MNISTDataModule]
 ) -> None:
-    empty = tmp_path / "empty"
-    empty.mkdir()
     with pytest.raises(DataError) as info:
-        _loaded(datamodule_class(root=empty, download=False))
+        _loaded(datamodule_class(download=False))
     message = str(info.value)
     assert "\n" not in message
     assert "data files not found" in message
-    assert str(empty) in message
     assert "LORA_LAB_DATA (unset)" in message
     assert str(isolated_data_env / "downloads") in message
     assert "data.root=DIR" in message and "data.download=true" in message
