@@ -6,7 +6,6 @@ pyplot, so drawing touches no global backend or figure state of the calling proc
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from lora_lab._atomic import atomic_path
 from lora_lab.analysis.readers import Adapter, natural_sorted
 from lora_lab.analysis.spectra import similarity_grid_from_bases, subspace_similarity_grid
 
@@ -34,13 +34,8 @@ def layer_slug(layer: str) -> str:
 
 def save_figure(figure: Figure, path: Path) -> Path:
     """Writes a PNG atomically, so a reader never sees half a file."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", dpi=110, bbox_inches="tight")
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from lora_lab._atomic import atomic_path
 from lora_lab.analysis.plots import SPECTRUM_PNG, draw_subspace_figures, plot_spectrum
 from lora_lab.analysis.readers import (
     ADAPTERS_DIR,
@@ -39,14 +40,8 @@ RESULTS_CSV = "results.csv"
 
 def write_csv_atomic(table: pd.DataFrame, path: Path) -> None:
     """Writes via a temporary file in the same folder + os.replace: never a partial CSV."""
-    # A per-process name (not mkstemp, whose files are 0600) keeps the usual permissions.
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as temporary:
         table.to_csv(temporary, index=False)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def accuracy_lookup(study_dir: Path, notes: list[str]) -> AccuracyLookup:

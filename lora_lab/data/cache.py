@@ -12,13 +12,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from lora_lab._atomic import atomic_path
 from lora_lab.data.errors import DataError
 from lora_lab.data.sources import DatasetSpec, Located, decode, file_fingerprint, locate
 
@@ -101,20 +101,11 @@ def _read_cache(path: Path, key: str) -> dict[str, Tensor] | None:
 
 def _write_cache(path: Path, key: str, tensors: dict[str, Tensor]) -> None:
     """Write the cache file atomically; an unwritable folder is a :class:`DataError`."""
-    tmp_name: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-        ) as handle:
-            tmp_name = handle.name
+        with atomic_path(path, fsync=True) as temp, open(temp, "wb") as handle:
             torch.save({"key": key, **tensors}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
     except OSError as exc:
-        if tmp_name is not None and os.path.exists(tmp_name):
-            os.unlink(tmp_name)
         raise DataError(
             f"cache dir {path.parent} is not writable ({exc.strerror or exc}); "
             f"set data.cache_dir=DIR or {CACHE_ENV}=DIR to a writable folder"

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
+from lora_lab._atomic import atomic_write_bytes
 from lora_lab.lora.config import LoRAConfig
 from lora_lab.lora.expected import adapter_keys, canonical_keys, expected_shapes
 from lora_lab.lora.inject import (
@@ -50,20 +50,6 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _MAX_LISTED = 20
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder and os.replace, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _peft_targets(model: nn.Module, targets: tuple[str, ...]) -> str | list[str]:
@@ -105,8 +91,11 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     peft = state.config.to_peft_dict(
         _peft_targets(model, state.targets), list(state.modules_to_save) or None
     )
-    _atomic_write(folder / WEIGHTS_NAME, save_safetensors_bytes(tensors, metadata={"format": "pt"}))
-    _atomic_write(folder / CONFIG_NAME, (json.dumps(peft, indent=2) + "\n").encode())
+    # Atomic writes (temp file + rename), with the umask's file mode.
+    weights = save_safetensors_bytes(tensors, metadata={"format": "pt"})
+    config_text = json.dumps(peft, indent=2) + "\n"
+    atomic_write_bytes(folder / WEIGHTS_NAME, weights, fsync=True)
+    atomic_write_bytes(folder / CONFIG_NAME, config_text.encode(), fsync=True)
     return folder
 
 

@@ -7,13 +7,13 @@ network under the `network.` prefix (what our LightningModules save).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from lora_lab._atomic import atomic_path
 
 
 class WeightsError(ValueError):
@@ -22,6 +22,8 @@ class WeightsError(ValueError):
 
 def save_network_weights(network: nn.Module, path: str | Path) -> Path:
     """Write `network.state_dict()` to a safetensors file atomically (temp file + rename).
+
+    The file gets the umask's mode (0644 under umask 022), as a plain `open` would give it.
 
     Args:
         network: Any module.
@@ -33,16 +35,8 @@ def save_network_weights(network: nn.Module, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in network.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path, fsync=True) as temp:
+        save_file(state, temp)
     return path
 
 

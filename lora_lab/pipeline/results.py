@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from lora_lab._atomic import atomic_write_text
 from lora_lab.schema import INTEGER_COLUMNS, RESULT_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -35,20 +34,12 @@ RECORD_ONLY = {"config", "environment", "data_fingerprint", "identity", "command
 def write_atomic(path: str | Path, text: str) -> None:
     """Write `text` to `path` so readers see the old file or the new one, never a mix.
 
-    Writes a temp file in the same folder, fsyncs it, then renames it over the target.
+    Writes a temp file in the same folder, fsyncs it, then renames it over the target; the
+    file gets the umask's mode (0644 under umask 022), as a plain `open` would give it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_text(path, text, fsync=True)
 
 
 def _jsonable(value: Any) -> Any:

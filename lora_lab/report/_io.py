@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 from matplotlib.figure import Figure
 
+from lora_lab._atomic import atomic_path
+
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     """Write a file through ``write(handle)`` into a temp file beside it, then ``os.replace``.
 
-    The temp file lives in the target's folder because ``os.replace`` is only atomic within
-    one filesystem.
+    Built on :func:`lora_lab._atomic.atomic_path`: the file gets the umask's mode (0644 under
+    umask 022), as a plain ``open`` would give it, and a failed write leaves no temp file.
 
     Args:
         path: Destination file; its folder is created if needed.
@@ -26,14 +26,8 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temp, open(temp, "wb") as stream:
+        write(stream)
     return path
 
 
