@@ -24,9 +24,9 @@ def tiny_study_overrides(folder: Path) -> list[str]:
         "trainer.log_every_n_steps=1",
         "trainer.limit_train_batches=2",
         "trainer.limit_val_batches=1",
-        "stages.pretrain.max_epochs=1",
-        "stages.full_finetune.max_epochs=1",
-        "stages.lora.max_epochs=1",
+        # The README's own example: one shared key reaches every stage (issue: the default
+        # experiment's stages.*.max_epochs used to shadow it).
+        "trainer.max_epochs=1",
     ]
 
 

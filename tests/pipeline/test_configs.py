@@ -11,6 +11,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 from lora_lab.cli import CONF_DIR
+from lora_lab.data.fakes import write_fake_cifar10, write_fake_mnist
 from lora_lab.lora import LoRAConfig
 from lora_lab.models import lora_variant, save_network_weights
 from lora_lab.pipeline import plan, stage_config
@@ -107,8 +108,18 @@ def test_logger_configs_compose_and_csv_instantiates(logger: str, tmp_path: Path
         get_class(node._target_)  # importable, whether or not the optional backend is installed
 
 
+@pytest.fixture
+def fake_downloads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """MNIST and CIFAR-10 files in torchvision's layout under $LORA_LAB_DATA (preflight checks
+    that every stage's data files are there)."""
+    write_fake_mnist(tmp_path, n_train=20, n_test=10, folder="MNIST")
+    write_fake_cifar10(tmp_path, n_per_batch=4, n_test=4)
+    monkeypatch.setenv("LORA_LAB_DATA", str(tmp_path))
+    return tmp_path
+
+
 @pytest.mark.parametrize("experiment", choices("experiment"))
-def test_experiments_plan_valid_studies(experiment: str):
+def test_experiments_plan_valid_studies(experiment: str, fake_downloads: Path):
     cfg = composed(f"experiment={experiment}")
     runs = plan(cfg)
     assert [r.stage for r in runs[:2]] == ["pretrain", "full_finetune"]
@@ -122,7 +133,7 @@ def test_stage_overrides_win_over_trainer_keys():
     cfg = composed(
         "trainer.max_epochs=7", "stages.lora.max_epochs=2", "stages.full_finetune.lr=0.5"
     )
-    assert stage_config(cfg, "pretrain").trainer.max_epochs == 5  # the experiment's stage value
+    assert stage_config(cfg, "pretrain").trainer.max_epochs == 7  # no stage value of its own
     assert stage_config(cfg, "lora").trainer.max_epochs == 2
     assert stage_config(cfg, "full_finetune").module.optimizer.lr == 0.5
     assert stage_config(cfg, "lora").module.optimizer.lr == cfg.module.optimizer.lr

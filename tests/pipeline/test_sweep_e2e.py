@@ -34,6 +34,7 @@ def test_sweep_writes_one_row_per_run(study: Path):
     assert list(table.stage) == ["pretrain", "full_finetune", "lora", "lora"]
     assert table.loc[table.stage == "lora", "rank"].tolist() == [1, 2]
     assert (table.status == "ok").all()
+    assert (table.epochs == 1).all()  # trainer.max_epochs=1 took effect in every stage
     assert table.test_acc.between(0, 1).all()
     assert table.test_loss.notna().all()
     for run_dir in table.run_dir:
