@@ -7,13 +7,18 @@ the full traceback instead.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import logging
 import os
 import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 USAGE = """\
 usage: lora-lab <command> [hydra overrides…] [--debug]
@@ -39,7 +44,11 @@ examples:
   lora-lab report outputs/<study>
   lora-lab analyze outputs/<study>
 
-Any config value can be overridden (see conf/ and `lora-lab sweep --cfg job`).
+Any config value can be overridden (see conf/ and `lora-lab sweep --cfg job`). Precedence: a
+stage's own setting (stages.<stage>.max_epochs|lr|classes, stages.<stage>.data|module|trainer)
+wins over trainer.*, module.* and data.* for that stage; experiments use stages.* only where
+stages differ, so trainer.max_epochs=1 reaches every stage, and a shadowed command-line value is
+named in one line. Bad values end in one line and exit code 2, before anything is written.
 `--debug` or LORA_LAB_DEBUG=1 shows full tracebacks.
 """
 
@@ -91,19 +100,27 @@ def _guard(func: Callable[[], int | None], debug: bool) -> int:
         return _fail("interrupted", 130)
 
 
-def _preflight(command: str, overrides: Sequence[str]) -> None:
-    """Compose the config once before Hydra runs, to turn config mistakes into one line."""
+def _hydra_args(args: Sequence[str]) -> argparse.Namespace:
+    """Hydra's own reading of the command line (`--cfg job` and `--cfg=job` alike)."""
+    from hydra._internal.utils import get_args_parser
+
+    return get_args_parser().parse_args(list(args))
+
+
+def _compose(parsed: argparse.Namespace) -> DictConfig:
+    """Compose the config as Hydra will, turning its errors into one line."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    if any(arg in ("-m", "--multirun") for arg in overrides):
-        return  # sweep syntax (a=1,2) does not compose as one config; Hydra checks each job
-    plain = [arg for arg in overrides if not arg.startswith("-")]
+    overrides = list(parsed.overrides)
+    if parsed.config_dir:
+        overrides.append(f"hydra.searchpath=[file://{Path(parsed.config_dir).resolve()}]")
+    config_dir = Path(parsed.config_path).resolve() if parsed.config_path else CONF_DIR
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=plain)
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            cfg = compose(config_name=parsed.config_name or "config", overrides=overrides)
         OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as error:
         message = _one_line(error).split(" Available options")[0].split(" Config search path")[0]
@@ -117,55 +134,70 @@ def _preflight(command: str, overrides: Sequence[str]) -> None:
                 choices.append(line.strip())
             message += f" (choices: {', '.join(choices)})"
         raise UsageError(message) from None
-    out = Path(str(cfg.output_dir)).expanduser()
-    existing = next(p for p in [out, *out.parents] if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(
-            f"output_dir={str(out)!r} is not writable ({str(existing)!r} does not allow writing)"
-        )
-    # Everything that can be checked before Hydra writes into output_dir is checked here, so
-    # bad input leaves an existing study folder untouched.
-    from lora_lab.pipeline import check_study_dir, plan, train_preflight
+    return cfg
 
+
+def _preflight(command: str, parsed: argparse.Namespace) -> list[str]:
+    """Check everything that can be checked before Hydra runs and writes into output_dir:
+    the config composes, every key has an allowed value, every stage builds, the data and
+    checkpoints are there, and output_dir can take the study. Bad input leaves no new folder
+    and an existing one untouched.
+
+    Returns:
+        One line per command-line override that another key shadows.
+    """
+    from lora_lab.pipeline import check_output_dir, check_study_dir, plan, train_preflight
+    from lora_lab.pipeline.overrides import shadowed_overrides
+
+    informational = (parsed.cfg, parsed.info, parsed.help, parsed.hydra_help)
+    if parsed.multirun and not any(informational):
+        return []  # sweep syntax (a=1,2) does not compose as one config; Hydra checks each job
+    cfg = _compose(parsed)
+    if any(informational) or parsed.shell_completion:
+        return []  # Hydra prints and exits: nothing runs, nothing is written
+    out = Path(str(cfg.output_dir)).expanduser()
     if command == "sweep":
         plan(cfg)
+        check_output_dir(out)
         check_study_dir(cfg, out)
     else:
         train_preflight(cfg)
+        check_output_dir(out)
+    return shadowed_overrides(cfg, parsed.overrides, command)
 
 
-def _hydra_command(command: str, overrides: list[str], debug: bool) -> int:
+def _hydra_command(command: str, args: list[str], debug: bool) -> int:
     import hydra
     from hydra.core.hydra_config import HydraConfig
-    from omegaconf import DictConfig
 
     from lora_lab.pipeline import run_sweep, train
+    from lora_lab.pipeline.console import say
     from lora_lab.pipeline.parallel import JobFailed
 
     exit_code = 0
-    command_line = shlex.join(["lora-lab", command, *overrides])
+    command_line = shlex.join(["lora-lab", command, *args])
     parent = os.getpid()
+    notes: list[str] = []
 
     def task(cfg: DictConfig) -> None:
         nonlocal exit_code
         study_dir = Path(HydraConfig.get().runtime.output_dir)
+        for note in notes:
+            say(f"note: {note}")
 
         def body() -> int:
             if command == "sweep":
                 summary = run_sweep(cfg, study_dir, command=command_line)
-                print(
-                    f"study written to {study_dir} (results.csv, accuracy_vs_rank.png, report.md)"
-                )
+                say(f"study written to {study_dir} (results.csv, accuracy_vs_rank.png, report.md)")
                 if summary["failed"]:
-                    print(
-                        f"{len(summary['failed'])} run(s) failed: {', '.join(summary['failed'])}",
-                        file=sys.stderr,
-                    )
+                    failed = summary["failed"]
+                    say(f"{len(failed)} run(s) failed: {', '.join(failed)}", logging.ERROR)
                     return 1
                 return 0
             result, _ = train(cfg, study_dir)
-            print(
-                f"{result['run_id']}: test_acc={result['test_acc']} test_loss={result['test_loss']:.4f} → {study_dir}"
+            say(
+                f"{result['run_id']}: test_acc={result['test_acc']} "
+                f"test_loss={result['test_loss']:.4f} → {study_dir}"
             )
             return 0
 
@@ -176,10 +208,19 @@ def _hydra_command(command: str, overrides: list[str], debug: bool) -> int:
             # fail the job, so that Hydra reports it and the parent exits non-zero.
             raise JobFailed(f"lora-lab {command}: a job exited with code {code} (error above)")
 
-    code = _guard(lambda: _preflight(command, overrides), debug)
+    try:
+        parsed = _hydra_args(args)
+    except SystemExit as stop:  # argparse has printed the usage and the problem
+        return stop.code if isinstance(stop.code, int) else 2
+
+    def checked() -> int:
+        notes.extend(_preflight(command, parsed))
+        return 0
+
+    code = _guard(checked, debug)
     if code:
         return code
-    sys.argv = [f"lora-lab {command}", *overrides]
+    sys.argv = [f"lora-lab {command}", *args]
     try:
         hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)()
     except SystemExit as stop:  # Hydra exits 1 after printing a failed job's JobFailed

@@ -47,14 +47,18 @@ def resolve_classes(
             index = by_name[_normalise_name(item)]
         elif isinstance(item, str) and not item.strip().isdigit():
             raise DataError(
-                f"{dataset}: unknown class name {item!r}; valid names: {', '.join(class_names)}"
+                f"{dataset}: classes={items} names unknown class {item!r}; valid names: {', '.join(class_names)}"
             )
         elif isinstance(item, bool) or not isinstance(item, (int, str)):
-            raise DataError(f"{dataset}: class {item!r} is neither a name nor an index")
+            raise DataError(
+                f"{dataset}: classes={items} holds {item!r}, neither a class name nor an index"
+            )
         else:
             index = int(item)
         if not 0 <= index < count:
-            raise DataError(f"{dataset}: class index {index} out of range 0..{count - 1}")
+            raise DataError(
+                f"{dataset}: classes={items} holds index {index}, out of range 0..{count - 1}"
+            )
         if index in chosen:
             raise DataError(
                 f"{dataset}: class {item!r} ({class_names[index]}, index {index}) "

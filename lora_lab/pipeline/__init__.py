@@ -2,7 +2,7 @@
 
 from lora_lab.pipeline.plan import StudyError, plan
 from lora_lab.pipeline.results import COLUMNS, find_results, results_frame, write_results_csv
-from lora_lab.pipeline.resume import check_study_dir, run_identity
+from lora_lab.pipeline.resume import check_output_dir, check_study_dir, run_identity
 from lora_lab.pipeline.stages import STAGES, StageRun, run_stage, stage_config
 from lora_lab.pipeline.sweep import run_sweep
 from lora_lab.pipeline.train import train, train_preflight
@@ -12,6 +12,7 @@ __all__ = [
     "STAGES",
     "StageRun",
     "StudyError",
+    "check_output_dir",
     "check_study_dir",
     "find_results",
     "plan",

@@ -36,6 +36,8 @@ class ThreadChooser(Callback):
     ) -> None:
         now, elapsed = time.perf_counter(), time.perf_counter() - self.last
         self.last = now
+        if batch_idx == 0:  # the budget this epoch starts with (see threads.ThreadBudget)
+            self.candidates[0] = torch.get_num_threads()
         if self.candidates[0] == 1 or pl_module.device.type != "cpu":
             return
         phase, offset = divmod(batch_idx, self.TRIAL)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import itertools
-import sys
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +37,7 @@ from lora_lab.lora import LoRAConfig, inject_lora, save_adapter
 from lora_lab.lora.grouped import GroupingError, check_groupable, check_grouped
 from lora_lab.models import ClassifierModule
 from lora_lab.models.fused import FusedLoRAModule
+from lora_lab.pipeline.console import progress_options, say
 from lora_lab.pipeline.cpu import ThreadChooser, retain_freed_memory
 from lora_lab.pipeline.plan import PlannedRun
 from lora_lab.pipeline.record import failed_result, record
@@ -54,6 +55,7 @@ from lora_lab.pipeline.stages import (
     single_device_trainer,
     test_fields,
 )
+from lora_lab.pipeline.threads import ThreadBudget, sweep_jobs_of
 
 PROBE_SIZE = 16
 PASSES = "passes"
@@ -69,7 +71,7 @@ UNSUPPORTED_TRAINER = {
 
 
 def _say(message: str) -> None:
-    print(f"    {message}", file=sys.stderr, flush=True)
+    say(f"    {message}")
 
 
 def _plain(node: Any) -> Any:
@@ -277,13 +279,17 @@ def run_fused_group(
     resume_from, epoch = resume_point(pass_dir, identity, pass_id)
     cfg = members[0].cfg
     callbacks = [*(instantiate(cfg.trainer.get("callbacks")) or []), FinishedEpochs()]
-    callbacks += [ThreadChooser(), epoch_checkpoint(pass_dir)]
+    # The budget first: each epoch's ThreadChooser trial starts from it.
+    callbacks += [ThreadBudget(cfg, jobs=sweep_jobs_of(cfg)), ThreadChooser()]
+    callbacks += [epoch_checkpoint(pass_dir)]
+    progress, progress_callbacks = progress_options(cfg.trainer, f"{pass_id} ({len(members)} runs)")
     trainer = instantiate(
         cfg.trainer,
         logger=False,
-        callbacks=callbacks,
+        callbacks=callbacks + progress_callbacks,
         enable_checkpointing=True,
         default_root_dir=str(pass_dir),
+        **progress,
     )
     # Before the loggers open their files (a CSV logger's writer deletes an old metrics.csv).
     earlier = [log_before(Path(m.cfg.run_dir), epoch) for m in members]
@@ -336,7 +342,7 @@ def _finish(
         for logger in member.loggers:
             logger.finalize("failed")
         result = failed_result(member.run, error, pass_id)
-        print(f"FAILED {member.run.label()}: {result['error']}", file=sys.stderr, flush=True)
+        say(f"FAILED {member.run.label()}: {result['error']}", logging.ERROR)
         return result
     for logger in member.loggers if log else []:
         logger.log_metrics({**tested, "epoch": epochs}, step=int(module.batches_seen))

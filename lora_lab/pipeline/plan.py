@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lora_lab.lora import LoRAConfig, inject_lora
+from lora_lab.pipeline.config_check import ConfigError, check_config
 from lora_lab.pipeline.resume import run_identity
 from lora_lab.pipeline.stages import adapter_name_for, run_id_for, stage_config
 
@@ -102,6 +103,7 @@ def plan(cfg: DictConfig) -> list[PlannedRun]:
         StudyError / ValueError: on bad input (bad ranks, bad LoRA values, targets that match
             nothing, bad data arguments), before anything is trained or written.
     """
+    check_config(cfg)
     seeds = list(cfg.sweep.seeds) if cfg.sweep.seeds is not None else [int(cfg.seed)]
     if not seeds:
         raise StudyError("sweep.seeds=[] must list at least one seed, e.g. sweep.seeds=[0,1,2]")
@@ -147,30 +149,83 @@ def plan(cfg: DictConfig) -> list[PlannedRun]:
         )
     check_lora(runs[-1].cfg, [run.cfg for run in runs if run.stage == "lora"])
     check_data([run.cfg for run in runs])
+    check_builds([run.cfg for run in runs])
     return runs
 
 
 def check_lora(stage_cfg: DictConfig, lora_cfgs: Sequence[DictConfig]) -> None:
     """Validate every run's LoRAConfig, and that the targets match layers of the network
     (by injecting into a throwaway network, before any training)."""
-    for run_cfg in lora_cfgs:
-        LoRAConfig(**OmegaConf.to_container(run_cfg.lora, resolve=True))
     lora_logger = logging.getLogger("lora_lab.lora")
     level = lora_logger.level
     lora_logger.setLevel(logging.ERROR)  # size warnings belong to the real runs, not this check
     try:
+        for run_cfg in lora_cfgs:
+            LoRAConfig(**OmegaConf.to_container(run_cfg.lora, resolve=True))
         config = LoRAConfig(**OmegaConf.to_container(stage_cfg.lora, resolve=True))
         inject_lora(instantiate(stage_cfg.model), config)
+    except ValueError as error:  # LoRAConfig's messages start with the field they name
+        raise ConfigError(f"lora.{' '.join(str(error).split())}") from None
     finally:
         lora_logger.setLevel(level)
 
 
 def check_data(run_cfgs: Sequence[DictConfig]) -> None:
-    """Build each distinct data config once (no loading): bad class names, sizes or dataset
-    arguments fail here, before any training."""
+    """Build each distinct data config once and check its files are there (without reading
+    them): bad class names, sizes, dataset arguments or a missing dataset fail here, before
+    any training."""
     seen: list[Any] = []
     for run_cfg in run_cfgs:
         data = OmegaConf.to_container(run_cfg.data, resolve=True)
         if data not in seen:
             seen.append(data)
-            instantiate(run_cfg.data)
+            try:
+                datamodule = instantiate(run_cfg.data)
+                if hasattr(datamodule, "check_source"):
+                    datamodule.check_source()
+            except Exception as error:
+                cause = error.__cause__ or error  # Hydra's InstantiationException wraps it
+                if not isinstance(cause, ValueError):
+                    raise
+                where = f" (the {run_cfg.stage} stage)" if run_cfg.get("stage") else ""
+                message = " ".join(str(cause).split())
+                raise ConfigError(f"data{where}: {message}") from None
+
+
+def check_builds(run_cfgs: Sequence[DictConfig]) -> None:
+    """Build each distinct stage's network, LightningModule, optimizer, scheduler and Trainer
+    once, on no data: what only the objects themselves check (an lr torch rejects, an
+    accelerator this machine lacks) fails here, before any training.
+
+    Raises:
+        ConfigError: naming the stage and the part that could not be built.
+    """
+    seen: list[Any] = []
+    quiet = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [each.level for each in quiet]
+    for run_cfg in run_cfgs:
+        key = [run_cfg.stage] + [
+            OmegaConf.to_container(run_cfg[group], resolve=True)
+            for group in ("model", "module", "trainer")
+        ]
+        if key in seen:
+            continue
+        seen.append(key)
+        for each in quiet:  # "GPU available: …" belongs to the real runs
+            each.setLevel(logging.ERROR)
+        part = "module"
+        try:
+            module = instantiate(run_cfg.module, network=instantiate(run_cfg.model))
+            part = "module.optimizer / module.scheduler"
+            module.configure_optimizers()
+            part = "trainer"
+            instantiate(run_cfg.trainer, logger=False, enable_checkpointing=False)
+        except Exception as error:
+            error = error.__cause__ or error  # Hydra's InstantiationException wraps the cause
+            message = " ".join(str(error).split()) or type(error).__name__
+            raise ConfigError(
+                f"the {run_cfg.stage} stage's {part} cannot be built from the config: {message}"
+            ) from None
+        finally:
+            for each, level in zip(quiet, levels, strict=True):
+                each.setLevel(level)

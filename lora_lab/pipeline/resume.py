@@ -13,6 +13,7 @@ import datetime as dt
 import hashlib
 import json
 import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,11 @@ _STUDY_FREE = {
     "sweep.restart",
     "sweep.jobs",
     "sweep.fused",  # fused or not, a run's result is the same (see pipeline.fused)
+    "threads",
 }
+# What marks a folder as lora_lab's (a sweep's study.json, the runs of `lora-lab train`, Hydra's
+# record): a non-empty folder with none of them is someone's own, which no study writes into.
+STUDY_MARKS = (STUDY_FILE, "runs", ".hydra")
 
 
 def _plain(node: Any) -> Any:
@@ -143,6 +148,38 @@ def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[s
             key == f"{group}.{c}" for group, cosmetic in _COSMETIC.items() for c in cosmetic
         )
     ]
+
+
+def check_output_dir(out: Path) -> None:
+    """Check, without leaving anything behind, that `out` can hold a study.
+
+    Raises:
+        ValueError: one line, when `out` cannot be created or written, is a file, or is a
+            non-empty folder that is not a lora_lab output folder (its files would be mixed
+            with, or replaced by, the study's).
+    """
+    shown = str(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output_dir={shown!r} is a file, not a folder; choose a folder")
+    existing = next(p for p in [out, *out.parents] if p.exists())
+    try:  # the one reliable test (root ignores permission bits; /proc refuses anyway)
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".lora-lab-probe-"):
+            pass
+    except OSError as error:
+        raise ValueError(
+            f"output_dir={shown!r} cannot be written: {str(existing)!r} does not allow creating "
+            f"files ({error.strerror or error}); choose a writable folder"
+        ) from None
+    if out.is_dir() and not any((out / name).exists() for name in STUDY_MARKS):
+        entries = sorted(entry.name for entry in out.iterdir())
+        if entries:
+            listed = ", ".join(entries[:5]) + (
+                f" and {len(entries) - 5} more" if len(entries) > 5 else ""
+            )
+            raise ValueError(
+                f"output_dir={shown!r} is a folder that is not a lora_lab study (it holds "
+                f"{listed}); choose a new or empty folder, so nothing in it is overwritten"
+            )
 
 
 def check_study_dir(cfg: DictConfig, study_dir: Path) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -26,8 +25,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from lora_lab.lora import LoRAConfig, count_parameters, lora_delta_weight, lora_layers, save_adapter
 from lora_lab.models import ClassifierModule, lora_variant, read_weights, save_network_weights
+from lora_lab.pipeline.console import progress_options, say
 from lora_lab.pipeline.results import write_atomic
 from lora_lab.pipeline.resume import resume_checkpoint
+from lora_lab.pipeline.threads import ThreadBudget, sweep_jobs_of
 
 log = logging.getLogger(__name__)
 
@@ -258,9 +259,7 @@ def resume_point(run_dir: Path, identity: str, name: str) -> tuple[Path | None, 
         log.warning("%s: %s is unreadable; starting the run again", name, resume_from)
         resume_from.unlink()
         return None, 0
-    print(
-        f"    resuming {name} after epoch {epoch} from {resume_from}", file=sys.stderr, flush=True
-    )
+    say(f"    resuming {name} after epoch {epoch} from {resume_from}")
     return resume_from, epoch
 
 
@@ -419,17 +418,19 @@ def run_stage(
     loggers = [instantiate(c) for c in run_cfg.logger.values()] if run_cfg.get("logger") else []
     # Callbacks listed in the trainer config (e.g. trainer=ddp's replica check) come first.
     callbacks: list[Callback] = list(instantiate(run_cfg.trainer.get("callbacks")) or [])
-    callbacks.append(FinishedEpochs())
+    callbacks += [FinishedEpochs(), ThreadBudget(run_cfg, jobs=sweep_jobs_of(run_cfg))]
     resume_from, epoch = None, 0
     if identity is not None:
         resume_from, epoch = resume_point(run_dir, identity, run_id)
         callbacks.append(epoch_checkpoint(run_dir))
+    progress, progress_callbacks = progress_options(run_cfg.trainer, run_id)
     trainer = instantiate(
         run_cfg.trainer,
         logger=loggers,
-        callbacks=callbacks,
+        callbacks=callbacks + progress_callbacks,
         enable_checkpointing=bool(callbacks),
         default_root_dir=str(run_dir),
+        **progress,
     )
 
     start = time.perf_counter()

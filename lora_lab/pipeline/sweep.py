@@ -14,7 +14,6 @@ import copy
 import datetime as dt
 import json
 import logging
-import sys
 import time
 import traceback
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from lora_lab.pipeline.console import say
 from lora_lab.pipeline.environment import environment
 from lora_lab.pipeline.fused import run_fused
 from lora_lab.pipeline.plan import PlannedRun, plan, sweep_jobs
@@ -62,9 +62,7 @@ class Progress:
         else:
             eta = "?"
         run = self.runs[index]
-        print(
-            f"[{index + 1}/{len(self.runs)}] {run.label()} … eta {eta}", file=sys.stderr, flush=True
-        )
+        say(f"[{index + 1}/{len(self.runs)}] {run.label()} … eta {eta}")
 
     def end(self, index: int) -> None:
         self.epochs_done += self.runs[index].epochs
@@ -72,11 +70,7 @@ class Progress:
     def skip(self, index: int) -> None:
         """A run finished earlier: say so, and leave it out of the time estimate."""
         run = self.runs[index]
-        print(
-            f"[{index + 1}/{len(self.runs)}] {run.label()} … done earlier, skipped",
-            file=sys.stderr,
-            flush=True,
-        )
+        say(f"[{index + 1}/{len(self.runs)}] {run.label()} … done earlier, skipped")
         self.total_epochs -= run.epochs
 
 
@@ -97,7 +91,7 @@ def execute(
     except Exception as error:  # a failed run is a result, not the end of the sweep
         log.debug("run %s failed", run.label(), exc_info=True)
         result, stage_run = failed_result(run, error), None
-        print(f"FAILED {run.label()}: {result['error']}", file=sys.stderr, flush=True)
+        say(f"FAILED {run.label()}: {result['error']}", logging.ERROR)
         if logging.getLogger("lora_lab").isEnabledFor(logging.DEBUG):
             traceback.print_exc()
     record(run.cfg, study_dir, result, env)
@@ -121,7 +115,7 @@ def prepare_study_dir(cfg: DictConfig, study_dir: Path) -> None:
     if cfg.sweep.restart:
         moved = set_aside(study_dir)
         if moved is not None:
-            print(f"sweep.restart=true: previous results moved to {moved}", file=sys.stderr)
+            say(f"sweep.restart=true: previous results moved to {moved}")
 
 
 def run_sweep(cfg: DictConfig, study_dir: Path, command: str = "lora-lab sweep") -> dict[str, Any]:
@@ -182,10 +176,7 @@ def run_sweep(cfg: DictConfig, study_dir: Path, command: str = "lora-lab sweep")
     frame, _ = write_results_csv(study_dir)
     finish_report(study_dir)
     if skipped:
-        print(
-            f"{len(skipped)} run(s) finished earlier were skipped (sweep.restart=true redoes them)",
-            file=sys.stderr,
-        )
+        say(f"{len(skipped)} run(s) finished earlier were skipped (sweep.restart=true redoes them)")
     return {"results": frame, "failed": failed, "skipped": skipped}
 
 
@@ -222,7 +213,7 @@ def _begin(progress: Progress, index: int, run_dir: Path) -> None:
     progress.begin(index)
     note = describe_previous(run_dir)
     if note:
-        print(f"    {note}", file=sys.stderr, flush=True)
+        say(f"    {note}")
 
 
 def _run_pooled(
@@ -237,11 +228,9 @@ def _run_pooled(
     """Run `runs` (at `indices` of the plan) `jobs` at a time; returns the failed run ids."""
     from lora_lab.pipeline.parallel import run_in_pool, threads_per_job
 
-    print(
+    say(
         f"sweep.jobs={jobs}: {len(runs)} run(s), up to {min(jobs, len(runs))} at a time, "
-        f"{threads_per_job(jobs)} torch thread(s) each",
-        file=sys.stderr,
-        flush=True,
+        f"{threads_per_job(jobs)} torch thread(s) each"
     )
     for run in runs:
         # Several progress bars cannot share one terminal line; the run headers remain.
@@ -251,7 +240,7 @@ def _run_pooled(
         run = runs[position]
         result = failed_result(run, error)
         record(run.cfg, study_dir, result, env)
-        print(f"FAILED {run.label()}: {result['error']}", file=sys.stderr, flush=True)
+        say(f"FAILED {run.label()}: {result['error']}", logging.ERROR)
         return result
 
     failed: list[str] = []

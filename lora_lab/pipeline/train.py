@@ -9,8 +9,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from lora_lab.models import load_network_weights
+from lora_lab.pipeline.config_check import check_config
 from lora_lab.pipeline.environment import environment
-from lora_lab.pipeline.plan import check_data, check_lora
+from lora_lab.pipeline.plan import check_builds, check_data, check_lora
 from lora_lab.pipeline.record import record
 from lora_lab.pipeline.results import write_results_csv
 from lora_lab.pipeline.stages import StageRun, run_stage, stage_config
@@ -24,8 +25,10 @@ def train_preflight(cfg: DictConfig) -> Path | None:
             missing, corrupt or made for another architecture.
     """
     stage = cfg.stage
+    check_config(cfg, stages=(stage,))
     run_cfg = stage_config(cfg, stage)
     check_data([run_cfg])
+    check_builds([run_cfg])
     if stage == "lora":
         check_lora(run_cfg, [run_cfg])
     if stage == "pretrain":

@@ -101,13 +101,13 @@ def test_cifar_class_names_and_indices_mixed(cifar_root: Path) -> None:
         ([], r"classes=\[\] selects no class"),
         (
             ["cat", "unicorn"],
-            r"unknown class name 'unicorn'; valid names: airplane, automobile, bird",
+            r"names unknown class 'unicorn'; valid names: airplane, automobile, bird",
         ),
         ([3, "cat"], r"class 'cat' \(cat, index 3\) selected twice"),
         ([1, 1], r"selected twice"),
-        ([10], r"class index 10 out of range 0\.\.9"),
-        ([-1], r"class index -1 out of range"),
-        ([True], r"neither a name nor an index"),
+        ([10], r"holds index 10, out of range 0\.\.9"),
+        ([-1], r"holds index -1, out of range"),
+        ([True], r"neither a class name nor an index"),
     ],
 )
 def test_bad_class_selections(classes: list[object], message: str) -> None:

@@ -190,7 +190,7 @@ def test_unwritable_output_dir(tmp_path, tiny_overrides, capsys):
     blocker.write_text("x")
     assert main(["sweep", *tiny_overrides, f"output_dir={blocker / 'study'}"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "not writable" in err and "\n" not in err
+    assert "cannot be written" in err and "\n" not in err
     assert blocker.read_text() == "x"
 
 

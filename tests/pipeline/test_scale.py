@@ -108,11 +108,11 @@ def test_a_single_value_sets_without_renaming():
 
 
 BAD_GRID = {
-    "sweep.learning_rates=[0.001,-1]": "sweep.learning_rates holds -1",
+    "sweep.learning_rates=[0.001,-1]": "sweep.learning_rates=[0.001, -1] is not allowed: it holds -1",
     "sweep.learning_rates=0.01": "must be a list",
-    "sweep.alphas=[abc]": "sweep.alphas holds 'abc'",
-    "sweep.jobs=0": "sweep.jobs=0 must be an integer",
-    "sweep.jobs=1.5": "sweep.jobs=1.5 must be an integer",
+    "sweep.alphas=[abc]": "sweep.alphas=['abc'] is not allowed: it must be a list, each a finite",
+    "sweep.jobs=0": "sweep.jobs=0 is not allowed: it must be an integer ≥ 1",
+    "sweep.jobs=1.5": "sweep.jobs=1.5 is not allowed: it must be an integer ≥ 1",
     "sweep.ranks=[1,1]": "lora_r1_a1_s0",
 }
 

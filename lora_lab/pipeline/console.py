@@ -1,0 +1,83 @@
+"""What a study says while it runs: progress lines that reach the terminal and the study's
+log file, and one line per epoch in place of Lightning's per-batch bar when the output is not a
+terminal (a log file, a pipe, a batch job)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger("lora_lab.progress")
+
+
+def say(message: str, level: int = logging.INFO) -> None:
+    """Report progress: through logging where it is set up (under `lora-lab`, Hydra's handlers
+    write the terminal and `<output_dir>/<command>.log`), else on stderr."""
+    if logging.getLogger().handlers:
+        log.log(level, message)
+    else:
+        print(message, file=sys.stderr, flush=True)
+
+
+class ConsoleFormatter(logging.Formatter):
+    """The terminal's log format: the message alone, with `warning:`/`error:` before the
+    messages that are one (the log file keeps time, logger and level)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if record.levelno >= logging.WARNING:
+            return f"{record.levelname.lower()}: {text}"
+        return text
+
+
+class EpochLine(Callback):
+    """One line per finished epoch, in place of the per-batch progress bar.
+
+    Args:
+        label: What is training (a run id, or a fused pass and its size).
+    """
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The epoch's aggregated training metrics are filled in after this hook: say the line
+        # when the next epoch starts, or when training ends.
+        self.pending = trainer.current_epoch + 1
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._say(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._say(trainer)
+
+    pending: int | None = None
+
+    def _say(self, trainer: L.Trainer) -> None:
+        if self.pending is None or not trainer.is_global_zero:
+            return
+        metrics = {
+            key: float(value)
+            for key, value in trainer.callback_metrics.items()
+            if "/" not in key and getattr(value, "numel", lambda: 1)() == 1
+        }
+        shown = " ".join(f"{key}={value:.4g}" for key, value in sorted(metrics.items()))
+        say(f"    {self.label}: epoch {self.pending}/{trainer.max_epochs} {shown}".rstrip())
+        self.pending = None
+
+
+def progress_options(trainer_cfg: DictConfig, label: str) -> tuple[dict[str, Any], list[Callback]]:
+    """Trainer keyword arguments and callbacks for showing progress.
+
+    Lightning's bar where stderr is a terminal and the config enables it; otherwise the bar is
+    off and, if the config wanted one, an `EpochLine` says each epoch once.
+    """
+    wanted = bool(trainer_cfg.get("enable_progress_bar", True))
+    if not wanted or sys.stderr.isatty():
+        return {}, []
+    return {"enable_progress_bar": False}, [EpochLine(label)]

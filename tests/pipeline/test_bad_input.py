@@ -1,0 +1,139 @@
+"""Bad input: one line naming the key, exit code 2, before anything trains or is written.
+
+Each case runs `lora-lab sweep` twice: into an existing study folder, which must come out
+byte-for-byte untouched, and into a new folder, which must not appear.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from lora_lab.cli import main
+
+# override → a fragment the one-line message must hold (the key, and the bad value)
+BAD_INPUT = {
+    "trainer.max_epochs=abc": "trainer.max_epochs='abc' is not allowed: it must be an integer ≥ 1",
+    "trainer.max_epochs=0": "trainer.max_epochs=0 is not allowed",
+    "trainer.max_epochs=null": "trainer.max_epochs=None is not allowed",
+    "trainer.precision=fp8": "trainer.precision='fp8' is not allowed: it must be one of",
+    "trainer.devices=two": "`devices` selected with `CPUAccelerator` should be an int > 0",
+    "+trainer.foo=1": "trainer.foo=1 is not allowed: lightning.Trainer takes no argument 'foo'",
+    "trainer.max_epoch=1": "trainer.max_epoch",
+    "stages.lora.lr=fast": "stages.lora.lr='fast' is not allowed: it must be a finite number > 0",
+    "stages.pretrain.max_epochs=-1": "stages.pretrain.max_epochs=-1 is not allowed",
+    "+stages.lora.trainer.max_epochs=x": "stages.lora.trainer.max_epochs='x' is not allowed",
+    "sweep.ranks=[a,b]": "sweep.ranks=['a', 'b'] is not allowed",
+    "sweep.ranks=[0,4]": "sweep.ranks=[0, 4] is not allowed: it holds 0",
+    "sweep.seeds=[x]": "sweep.seeds=['x'] is not allowed",
+    "sweep.alphas=[-1]": "sweep.alphas=[-1] is not allowed",
+    "sweep.learning_rates=[abc]": "sweep.learning_rates=['abc'] is not allowed",
+    "sweep.jobs=0": "sweep.jobs=0 is not allowed",
+    "sweep.fused=maybe": "sweep.fused='maybe' is not allowed: it must be true or false",
+    "data.batch_size=0": "data.batch_size=0 is not allowed: it must be an integer ≥ 1",
+    "data.val_size=-5": "data.val_size=-5 is not allowed",
+    "data.classes=[99]": "classes=[99] holds index 99, out of range 0..9",
+    "stages.lora.classes=[unicorn]": "names unknown class 'unicorn'",
+    "data.root=/nonexistent/fm": "data.root='/nonexistent/fm' holds no fashion_mnist files",
+    "data=nosuch": "data",
+    "model.hidden_sizes=[a]": "model.hidden_sizes=['a'] is not allowed: it must be a list of integers",
+    "module.optimizer.lr=-1": "module.optimizer.lr=-1 is not allowed: it must be a finite number > 0",
+    "module.optimizer.lr=fast": "module.optimizer.lr='fast' is not allowed",
+    "lora.dropout=2": "lora.dropout must be a number in [0, 1), got 2",
+    "lora.init=zeros": "lora.init must be one of",
+    "lora.target_modules=[nosuch]": "lora.target_modules=('nosuch',) matched no module",
+    "seed=x": "seed='x' is not allowed: it must be an integer",
+    "threads=0": "threads=0 is not allowed",
+    "output_dir=/proc/lora-lab-study": "output_dir='/proc/lora-lab-study' cannot be written",
+}
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[str, float]]:
+    """Every file under `folder`: content hash and modification time."""
+    return {
+        str(path.relative_to(folder)): (
+            hashlib.sha1(path.read_bytes()).hexdigest(),
+            path.stat().st_mtime,
+        )
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+@pytest.fixture
+def existing_study(tmp_path: Path) -> Path:
+    """A folder that looks like a finished study (study.json, results, a run)."""
+    study = tmp_path / "existing"
+    (study / "runs" / "pretrain").mkdir(parents=True)
+    (study / "study.json").write_text(json.dumps({"command": "lora-lab sweep", "config": {}}))
+    (study / "results.csv").write_text("run_id,stage\npretrain,pretrain\n")
+    (study / "report.md").write_text("# report\n")
+    (study / "runs" / "pretrain" / "result.json").write_text('{"status": "ok"}')
+    return study
+
+
+def test_the_table_has_at_least_twenty_cases():
+    assert len(BAD_INPUT) >= 20
+
+
+@pytest.mark.parametrize("bad", list(BAD_INPUT))
+def test_bad_input_is_one_line_and_exit_2_and_touches_nothing(
+    bad: str, tmp_path: Path, tiny_overrides: list[str], existing_study: Path, capsys
+):
+    before = _snapshot(existing_study)
+    targets = [existing_study, tmp_path / "new-study"]
+    for target in targets:
+        args = ["sweep", *tiny_overrides, f"output_dir={target}", bad]
+        assert main(args) == 2, bad
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("lora-lab: error:") and "\n" not in err, err
+        assert BAD_INPUT[bad] in err, err
+        if bad.startswith("output_dir="):
+            break  # the override replaced the target folder itself
+    assert _snapshot(existing_study) == before
+    assert not (tmp_path / "new-study").exists()
+
+
+def test_a_folder_that_is_not_a_study_is_refused_and_untouched(
+    tmp_path: Path, tiny_overrides: list[str], capsys
+):
+    mine = tmp_path / "my-results"
+    mine.mkdir()
+    (mine / "results.csv").write_text("my,own\n1,2\n")
+    before = _snapshot(mine)
+    assert main(["sweep", *tiny_overrides, f"output_dir={mine}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is a folder that is not a lora_lab study (it holds results.csv)" in err
+    assert "\n" not in err
+    assert _snapshot(mine) == before and sorted(p.name for p in mine.iterdir()) == ["results.csv"]
+
+
+def test_a_missing_dataset_stops_before_the_study_folder_exists(
+    tmp_path: Path, tiny_overrides: list[str], capsys
+):
+    out = tmp_path / "study"
+    assert (
+        main(
+            ["sweep", *tiny_overrides, f"output_dir={out}", "data=mnist", "data.root=/nonexistent"]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert "data.root='/nonexistent' holds no mnist files" in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_train_checks_its_one_stage_too(tmp_path: Path, tiny_overrides: list[str], capsys):
+    out = tmp_path / "run"
+    assert (
+        main(["train", *tiny_overrides, f"output_dir={out}", "stage=lora", "stages.lora.lr=x"]) == 2
+    )
+    assert "stages.lora.lr='x' is not allowed" in capsys.readouterr().err
+    assert main(["train", *tiny_overrides, f"output_dir={out}", "stage=finetune"]) == 2
+    assert "stage='finetune' is not allowed: it must be one of pretrain, full_finetune, lora" in (
+        capsys.readouterr().err
+    )
+    assert not out.exists()
