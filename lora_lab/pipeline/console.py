@@ -13,11 +13,13 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
 log = logging.getLogger("lora_lab.progress")
+# Metrics that are bookkeeping, not news (stages.FinishedEpochs counts epochs for resuming).
+HIDDEN = {"finished_epochs"}
 
 
 def say(message: str, level: int = logging.INFO) -> None:
     """Report progress: through logging where it is set up (under `lora-lab`, Hydra's handlers
-    write the terminal and `<output_dir>/<command>.log`), else on stderr."""
+    write the terminal and `<output_dir>/lora-lab.log`), else on stderr."""
     if logging.getLogger().handlers:
         log.log(level, message)
     else:
@@ -64,7 +66,7 @@ class EpochLine(Callback):
         metrics = {
             key: float(value)
             for key, value in trainer.callback_metrics.items()
-            if "/" not in key and getattr(value, "numel", lambda: 1)() == 1
+            if "/" not in key and key not in HIDDEN and getattr(value, "numel", lambda: 1)() == 1
         }
         shown = " ".join(f"{key}={value:.4g}" for key, value in sorted(metrics.items()))
         say(f"    {self.label}: epoch {self.pending}/{trainer.max_epochs} {shown}".rstrip())

@@ -1,0 +1,118 @@
+"""What a user sees and shares: Hydra's flags, shadowed overrides named, a readable log, and
+files colleagues can read."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+
+from lora_lab.cli import CONF_DIR, main
+from lora_lab.pipeline.overrides import shadowed_overrides
+from tests.pipeline.conftest import tiny_study_overrides
+
+
+@pytest.mark.parametrize("flags", [["--cfg", "job"], ["--cfg=job"], ["-c", "job"]])
+def test_cfg_job_prints_the_config_and_writes_nothing(flags, tmp_path: Path, capsys):
+    out = tmp_path / "study"
+    assert main(["sweep", *flags, f"output_dir={out}", "sweep.ranks=[1,4]"]) == 0
+    printed = capsys.readouterr().out
+    assert "sweep:" in printed and "- 4" in printed and "output_dir:" in printed
+    assert not out.exists()
+
+
+def test_help_states_the_precedence_rule(capsys):
+    assert main(["sweep", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "Precedence: a stage's own setting" in text and "trainer.max_epochs=1" in text
+    assert main(["--help"]) == 0
+    assert "Precedence: a" in capsys.readouterr().out
+
+
+def _composed(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def test_a_shadowed_command_line_value_is_named_with_its_shadow():
+    overrides = ["experiment=linear_shift", "trainer.max_epochs=2"]
+    (note,) = shadowed_overrides(_composed(*overrides), overrides, "sweep")
+    assert note.startswith("trainer.max_epochs=2 is shadowed by stages.lora.max_epochs=30")
+    # given on the command line too: nothing to say
+    both = [*overrides, "stages.lora.max_epochs=2"]
+    assert shadowed_overrides(_composed(*both), both, "sweep") == []
+    # the default study has no stage values: trainer.max_epochs reaches every stage
+    assert (
+        shadowed_overrides(_composed("trainer.max_epochs=1"), ["trainer.max_epochs=1"], "sweep")
+        == []
+    )
+
+
+def test_sweep_axes_shadow_their_keys():
+    overrides = ["lora.rank=4", "sweep.learning_rates=[0.1,0.01]", "module.optimizer.lr=0.5"]
+    notes = shadowed_overrides(_composed(*overrides), overrides, "sweep")
+    assert any(n.startswith("lora.rank=4 does not reach the LoRA runs") for n in notes)
+    assert any("module.optimizer.lr=0.5 does not reach the LoRA runs" in n for n in notes)
+    # `lora-lab train` has no sweep: lora.rank is the run's rank
+    assert shadowed_overrides(_composed("lora.rank=4"), ["lora.rank=4"], "train") == []
+
+
+@pytest.fixture(scope="module")
+def logged_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A tiny sweep run as a user runs it, stderr to a file (not a terminal), umask 022."""
+    folder = tmp_path_factory.mktemp("logged")
+    out = folder / "study"
+    overrides = [o for o in tiny_study_overrides(folder) if "enable_progress_bar" not in o]
+    code = (
+        "import os, sys; os.umask(0o022); from lora_lab.cli import main; "
+        "sys.exit(main(sys.argv[1:]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, "sweep", f"output_dir={out}", "sweep.ranks=[1,2]", *overrides],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done.stderr
+
+
+def test_progress_and_summary_reach_the_log_file(logged_study):
+    out, _ = logged_study
+    log = (out / "lora-lab.log").read_text()
+    for line in (
+        "[1/4] pretrain",
+        "[2/4] full_finetune",
+        "pretrain: epoch 1/1",
+        "study written to",
+    ):
+        assert line in log
+
+
+def test_no_per_batch_bar_when_stderr_is_not_a_terminal(logged_study):
+    _, stderr = logged_study
+    assert "it/s]" not in stderr and "\r" not in stderr
+    assert "pretrain: epoch 1/1 " in stderr  # one line per epoch instead
+    assert stderr.count("loaded from") == 1  # said once, not once per run
+
+
+def test_files_follow_the_umask(logged_study):
+    out, _ = logged_study
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) > 10
+    modes = {str(p.relative_to(out)): stat.S_IMODE(p.stat().st_mode) for p in files}
+    assert {name: mode for name, mode in modes.items() if mode != 0o644} == {}
+
+
+def test_the_readme_example_trains_every_stage_for_the_epochs_given(logged_study):
+    out, _ = logged_study
+    table = pd.read_csv(out / "results.csv")
+    assert len(table) == 4 and (table.epochs == 1).all()
+    assert os.path.isfile(out / "report.md")
