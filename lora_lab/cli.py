@@ -141,29 +141,61 @@ def _preflight(command: str, parsed: argparse.Namespace) -> list[str]:
     """Check everything that can be checked before Hydra runs and writes into output_dir:
     the config composes, every key has an allowed value, every stage builds, the data and
     checkpoints are there, and output_dir can take the study. Bad input leaves no new folder
-    and an existing one untouched.
+    and an existing one untouched. Under `-m`, every job of the sweep is checked.
 
     Returns:
         One line per command-line override that another key shadows.
     """
-    from lora_lab.pipeline import check_output_dir, check_study_dir, plan, train_preflight
     from lora_lab.pipeline.overrides import shadowed_overrides
 
-    informational = (parsed.cfg, parsed.info, parsed.help, parsed.hydra_help)
-    if parsed.multirun and not any(informational):
-        return []  # sweep syntax (a=1,2) does not compose as one config; Hydra checks each job
-    cfg = _compose(parsed)
-    if any(informational) or parsed.shell_completion:
+    if any((parsed.cfg, parsed.info, parsed.help, parsed.hydra_help, parsed.shell_completion)):
+        if not parsed.multirun:
+            _compose(parsed)  # a bad override is one line here too
         return []  # Hydra prints and exits: nothing runs, nothing is written
+    if not parsed.multirun:
+        cfg = _compose(parsed)
+        _check_job(command, cfg, sweep_dir=None)
+        return shadowed_overrides(cfg, parsed.overrides, command)
+    jobs = _multirun_jobs(parsed.overrides)
+    notes: list[str] = []
+    for index, job in enumerate(jobs or []):
+        cfg = _compose(argparse.Namespace(**{**vars(parsed), "overrides": job}))
+        _check_job(command, cfg, sweep_dir=Path(str(cfg.output_dir)).expanduser())
+        if index == 0:
+            notes = shadowed_overrides(cfg, job, command)
+    return notes
+
+
+def _multirun_jobs(overrides: Sequence[str]) -> list[list[str]] | None:
+    """The overrides of each job of a `-m` sweep, as Hydra's basic sweeper splits them (None
+    under another sweeper, which decides its jobs as it goes)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    if any(arg.startswith(("hydra/sweeper=", "hydra.sweeper.")) for arg in overrides):
+        return None
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+        (batch,) = BasicSweeper.split_arguments(parsed, None)
+    except HydraException as error:
+        raise UsageError(_one_line(error)) from None
+    return batch
+
+
+def _check_job(command: str, cfg: DictConfig, sweep_dir: Path | None) -> None:
+    """The checks of one study (`sweep`) or one stage (`train`); under `-m`, `sweep_dir` is
+    the multirun folder that holds each job's folder."""
+    from lora_lab.pipeline import check_output_dir, check_study_dir, plan, train_preflight
+
     out = Path(str(cfg.output_dir)).expanduser()
     if command == "sweep":
         plan(cfg)
-        check_output_dir(out)
-        check_study_dir(cfg, out)
     else:
         train_preflight(cfg)
-        check_output_dir(out)
-    return shadowed_overrides(cfg, parsed.overrides, command)
+    check_output_dir(sweep_dir or out)
+    if command == "sweep" and sweep_dir is None:
+        check_study_dir(cfg, out)
 
 
 def _hydra_command(command: str, args: list[str], debug: bool) -> int:

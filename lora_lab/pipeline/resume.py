@@ -46,8 +46,8 @@ _STUDY_FREE = {
     "threads",
 }
 # What marks a folder as lora_lab's (a sweep's study.json, the runs of `lora-lab train`, Hydra's
-# record): a non-empty folder with none of them is someone's own, which no study writes into.
-STUDY_MARKS = (STUDY_FILE, "runs", ".hydra")
+# record of a run or of a multirun): a non-empty folder with none of them is someone's own, which no study writes into.
+STUDY_MARKS = (STUDY_FILE, "runs", ".hydra", "multirun.yaml")
 
 
 def _plain(node: Any) -> Any:

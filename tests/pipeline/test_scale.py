@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -262,17 +263,34 @@ def test_train_multirun_with_the_joblib_launcher_then_report(pretrained, tmp_pat
     assert (sweep_dir / "accuracy_vs_rank.png").is_file()
 
 
+def test_bad_input_under_multirun_stops_before_any_job(
+    tmp_path: Path, tiny_overrides: list[str], capfd
+):
+    # stage=lora without pretrain_ckpt: the preflight checks every job of the sweep first.
+    args = ["train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "stage=lora"]
+    assert main([*args, "lora.rank=1,2", f"output_dir={tmp_path / 'multi'}", *tiny_overrides]) == 2
+    err = capfd.readouterr().err.strip()
+    assert err.startswith("lora-lab: error: stage=lora needs pretrain_ckpt=") and "\n" not in err
+    assert not (tmp_path / "multi").exists()
+
+
 def test_a_failed_job_under_the_joblib_launcher_fails_the_command(
     tmp_path: Path, tiny_overrides: list[str], capfd
 ):
-    overrides = tiny_overrides
-    # stage=lora without pretrain_ckpt: each job fails its preflight inside a joblib worker.
-    args = ["train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "stage=lora"]
-    assert main([*args, "lora.rank=1,2", f"output_dir={tmp_path / 'multi'}", *overrides]) == 1
+    # Files that are there (the preflight finds them) but corrupt: each job fails as it loads.
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(
+        next(o for o in tiny_overrides if o.startswith("data.root=")).split("=", 1)[1], corrupt
+    )
+    images = next(corrupt.glob("train-images*"))
+    images.write_bytes(images.read_bytes()[:100])
+    args = ["train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "stage=pretrain"]
+    overrides = [*tiny_overrides, f"data.root={corrupt}", "seed=0,1"]
+    assert main([*args, f"output_dir={tmp_path / 'multi'}", *overrides]) == 1
     # (The workers' own one-line errors go to the stderr they started with: joblib reuses
     # its worker processes across calls, so they need not be in this test's capture.)
     err = capfd.readouterr().err
-    assert "Error executing job with overrides: ['stage=lora', 'lora.rank=" in err
+    assert "Error executing job with overrides: ['stage=pretrain'" in err
     assert "a job exited with code 2" in err
     assert not list((tmp_path / "multi").rglob("result.json"))
 
