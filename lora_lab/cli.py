@@ -154,13 +154,19 @@ def _preflight(command: str, parsed: argparse.Namespace) -> list[str]:
         return []  # Hydra prints and exits: nothing runs, nothing is written
     if not parsed.multirun:
         cfg = _compose(parsed)
-        _check_job(command, cfg, sweep_dir=None)
+        _check_job(command, cfg, None)
         return shadowed_overrides(cfg, parsed.overrides, command)
     jobs = _multirun_jobs(parsed.overrides)
+    # A cluster launcher (submitit, Ray) trains elsewhere: this machine may lack the jobs'
+    # accelerator, so their Trainers are built where they run.
+    launchers = [
+        a.split("=", 1)[1] for a in parsed.overrides if a.lstrip("+~").startswith("hydra/launcher=")
+    ]
+    local = all(name in ("basic", "joblib") for name in launchers)
     notes: list[str] = []
     for index, job in enumerate(jobs or []):
         cfg = _compose(argparse.Namespace(**{**vars(parsed), "overrides": job}))
-        _check_job(command, cfg, sweep_dir=Path(str(cfg.output_dir)).expanduser())
+        _check_job(command, cfg, Path(str(cfg.output_dir)).expanduser(), build_trainer=local)
         if index == 0:
             notes = shadowed_overrides(cfg, job, command)
     return notes
@@ -173,7 +179,7 @@ def _multirun_jobs(overrides: Sequence[str]) -> list[list[str]] | None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    if any(arg.startswith(("hydra/sweeper=", "hydra.sweeper.")) for arg in overrides):
+    if any(arg.lstrip("+~").startswith(("hydra/sweeper=", "hydra.sweeper.")) for arg in overrides):
         return None
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
@@ -183,16 +189,18 @@ def _multirun_jobs(overrides: Sequence[str]) -> list[list[str]] | None:
     return batch
 
 
-def _check_job(command: str, cfg: DictConfig, sweep_dir: Path | None) -> None:
+def _check_job(
+    command: str, cfg: DictConfig, sweep_dir: Path | None, build_trainer: bool = True
+) -> None:
     """The checks of one study (`sweep`) or one stage (`train`); under `-m`, `sweep_dir` is
     the multirun folder that holds each job's folder."""
     from lora_lab.pipeline import check_output_dir, check_study_dir, plan, train_preflight
 
     out = Path(str(cfg.output_dir)).expanduser()
     if command == "sweep":
-        plan(cfg)
+        plan(cfg, build_trainer)
     else:
-        train_preflight(cfg)
+        train_preflight(cfg, build_trainer)
     check_output_dir(sweep_dir or out)
     if command == "sweep" and sweep_dir is None:
         check_study_dir(cfg, out)

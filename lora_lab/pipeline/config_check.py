@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from hydra.utils import get_class, get_method
+from hydra._internal.utils import _locate  # hydra.utils.get_class logs each failure as well
 from omegaconf import DictConfig, OmegaConf
 
 from lora_lab.lora import LoRAConfig
@@ -69,11 +69,12 @@ class StageSchema:
 
 @dataclass
 class StudySchema:
+    # Hydra reads `output_dir=2024` as an int: a folder name all the same.
     name: str | int
     seed: int
-    output_dir: str
+    output_dir: str | int
     stage: Literal["pretrain", "full_finetune", "lora"] = "lora"
-    pretrain_ckpt: str | None = None
+    pretrain_ckpt: str | int | None = None
     threads: int | None = field(default=None, metadata=_bound(AT_LEAST_1))
 
 
@@ -111,8 +112,10 @@ def describe(hint: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(str(a) for a in args)
     if origin in (list, tuple, Sequence) or hint in (list, tuple):
-        inner = describe(args[0]) if args else "values"
-        return f"a list of {inner.removeprefix('an ').removeprefix('a ')}s"
+        inner = describe(args[0]) if args else "a value"
+        if inner in _WORDS.values() and inner != "true or false":
+            return f"a list of {inner.removeprefix('an ').removeprefix('a ')}s"
+        return f"a list, each {inner}"
     if origin in (dict, Mapping) or hint is dict:
         return "a mapping"
     return _WORDS.get(hint, getattr(hint, "__name__", str(hint)))
@@ -216,10 +219,7 @@ def _check_dataclass(schema: type, node: Mapping[str, Any], prefix: str) -> None
 
 def _signature_hints(target: str) -> tuple[dict[str, Any], bool]:
     """The typed parameters of what `target` names, and whether it takes **kwargs."""
-    try:
-        obj: Any = get_class(target)
-    except Exception:
-        obj = get_method(target)
+    obj: Any = _locate(target)
     function = obj.__init__ if isinstance(obj, type) else obj
     try:
         hints = typing.get_type_hints(function)
@@ -234,7 +234,10 @@ def _signature_hints(target: str) -> tuple[dict[str, Any], bool]:
                 )
             except Exception:
                 hints[name] = Any
-    parameters = inspect.signature(obj).parameters
+    try:
+        parameters = inspect.signature(obj).parameters
+    except (TypeError, ValueError):  # a C type (datetime.timedelta, torch.device): no signature
+        return {}, True
     takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
     typed = {name: hints.get(name, Any) for name in parameters if name != "self"}
     return typed, takes_kwargs
@@ -245,10 +248,10 @@ def _check_target(node: Mapping[str, Any], path: str, name_of: Callable[[str], s
     target = node["_target_"]
     try:
         typed, takes_kwargs = _signature_hints(str(target))
-    except Exception:
+    except Exception as error:  # hydra's get_class/get_method: the import failed
         raise ConfigError(
-            f"{name_of(path + '._target_')}={target!r} is not allowed: it must name an "
-            "importable class or function"
+            f"{name_of(path + '._target_')}={target!r} cannot be imported "
+            f"({' '.join(str(error).split())[:200]})"
         ) from None
     for key, value in node.items():
         if key in HYDRA_KEYS:
@@ -256,6 +259,12 @@ def _check_target(node: Mapping[str, Any], path: str, name_of: Callable[[str], s
         child = f"{path}.{key}"
         if isinstance(value, Mapping) and "_target_" in value:
             _check_target(value, child, name_of)
+        elif isinstance(value, list) and any(
+            isinstance(v, Mapping) and "_target_" in v for v in value
+        ):
+            for index, item in enumerate(value):  # e.g. trainer.callbacks
+                if isinstance(item, Mapping) and "_target_" in item:
+                    _check_target(item, f"{child}[{index}]", name_of)
         elif key in typed:
             _check_value(name_of(child), value, typed[key], RANGES.get(child))
         elif not takes_kwargs:
@@ -304,12 +313,19 @@ def check_config(cfg: DictConfig, stages: Sequence[str] = STAGES) -> None:
     except (TypeError, ValueError) as error:
         raise ConfigError(f"lora.{error}") from None
     for stage in stages:
-        merged = OmegaConf.to_container(stage_config(cfg, stage), resolve=True)
+        # run_dir / run_id are filled in per run (the loggers' save_dir reads them).
+        placeholders = {"run_dir": "<run_dir>", "run_id": "<run_id>"}
+        merged = OmegaConf.to_container(
+            OmegaConf.merge(stage_config(cfg, stage), placeholders), resolve=True
+        )
         assert isinstance(merged, dict)
         name_of = _namer(cfg, stage)
         for group in ("data", "model", "module", "trainer"):
             if isinstance(merged.get(group), dict) and "_target_" in merged[group]:
                 _check_target(merged[group], group, name_of)
+        for name, node in (merged.get("logger") or {}).items():
+            if isinstance(node, dict) and "_target_" in node:
+                _check_target(node, f"logger.{name}", name_of)
         if merged["trainer"].get("max_epochs") is None:
             raise _fail(
                 name_of("trainer.max_epochs"),

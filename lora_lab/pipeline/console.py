@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -13,6 +14,8 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
 log = logging.getLogger("lora_lab.progress")
+# The study's log file (conf/hydra/job_logging/lora_lab.yaml names it for Hydra's handler).
+LOG_FILE = "lora-lab.log"
 # Metrics that are bookkeeping, not news (stages.FinishedEpochs counts epochs for resuming).
 HIDDEN = {"finished_epochs"}
 
@@ -35,6 +38,27 @@ class ConsoleFormatter(logging.Formatter):
         if record.levelno >= logging.WARNING:
             return f"{record.levelname.lower()}: {text}"
         return text
+
+
+def log_like_the_cli(log_file: Path) -> None:
+    """In a worker process (the `sweep.jobs` pool): log as the `lora-lab` process does, to
+    stderr and appended to the study's log file."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(ConsoleFormatter("%(message)s"))
+    root.addHandler(console)
+    root.setLevel(logging.INFO)
+    try:
+        to_file = logging.FileHandler(log_file)
+    except OSError:  # no study folder (a bare pool): the terminal only
+        return
+    to_file.setFormatter(logging.Formatter(FILE_FORMAT))
+    root.addHandler(to_file)
+
+
+FILE_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 
 class EpochLine(Callback):

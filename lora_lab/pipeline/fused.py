@@ -55,7 +55,7 @@ from lora_lab.pipeline.stages import (
     single_device_trainer,
     test_fields,
 )
-from lora_lab.pipeline.threads import ThreadBudget, sweep_jobs_of
+from lora_lab.pipeline.threads import ThreadBudget
 
 PROBE_SIZE = 16
 PASSES = "passes"
@@ -280,7 +280,7 @@ def run_fused_group(
     cfg = members[0].cfg
     callbacks = [*(instantiate(cfg.trainer.get("callbacks")) or []), FinishedEpochs()]
     # The budget first: each epoch's ThreadChooser trial starts from it.
-    callbacks += [ThreadBudget(cfg, jobs=sweep_jobs_of(cfg)), ThreadChooser()]
+    callbacks += [ThreadBudget(cfg), ThreadChooser()]
     callbacks += [epoch_checkpoint(pass_dir)]
     progress, progress_callbacks = progress_options(cfg.trainer, f"{pass_id} ({len(members)} runs)")
     trainer = instantiate(

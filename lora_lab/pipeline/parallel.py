@@ -24,7 +24,9 @@ import torch
 from hydra.errors import CompactHydraException
 from lightning.pytorch.callbacks import Callback
 
+from lora_lab.pipeline.console import LOG_FILE
 from lora_lab.pipeline.results import write_atomic
+from lora_lab.pipeline.threads import POOL_ENV
 
 if TYPE_CHECKING:
     from lora_lab.pipeline.plan import PlannedRun
@@ -75,12 +77,20 @@ def visible_gpus() -> list[str]:
     return [str(index) for index in range(torch.cuda.device_count())]
 
 
-def _init_worker(threads: int, gpus: list[str] | None, counter: Any) -> None:
-    """Set up a fresh pool worker: its thread budget, its GPUs (the worker number, counted in
-    shared memory, picks a slice of `gpu_slices`) and Hydra's config resolvers."""
+def _init_worker(
+    workers: int, gpus: list[str] | None, counter: Any, log_file: Path | None = None
+) -> None:
+    """Set up a fresh pool worker: its thread budget (`workers` share the CPUs), its GPUs (the
+    worker number, counted in shared memory, picks a slice of `gpu_slices`), Hydra's config
+    resolvers, and logging to the terminal and the study's log file, as the parent has."""
     from hydra.core.utils import setup_globals
 
-    torch.set_num_threads(threads)
+    from lora_lab.pipeline.console import log_like_the_cli
+
+    os.environ[POOL_ENV] = str(workers)  # read by threads.ThreadBudget
+    torch.set_num_threads(threads_per_job(workers))
+    if log_file is not None:
+        log_like_the_cli(log_file)
     with counter.get_lock():
         worker, counter.value = counter.value, counter.value + 1
     if gpus:
@@ -142,7 +152,7 @@ def run_in_pool(
             max_workers=workers,
             mp_context=context,
             initializer=_init_worker,
-            initargs=(threads_per_job(jobs), gpus, context.Value("i", 0)),
+            initargs=(workers, gpus, context.Value("i", 0), study_dir / LOG_FILE),
         )
 
     waiting = deque(enumerate(runs))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import re
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -96,7 +98,7 @@ def sweep_jobs(cfg: DictConfig) -> int:
     return jobs
 
 
-def plan(cfg: DictConfig) -> list[PlannedRun]:
+def plan(cfg: DictConfig, build_trainer: bool = True) -> list[PlannedRun]:
     """The runs of a study, in order, with their per-run configs; validates before training.
 
     Raises:
@@ -149,7 +151,7 @@ def plan(cfg: DictConfig) -> list[PlannedRun]:
         )
     check_lora(runs[-1].cfg, [run.cfg for run in runs if run.stage == "lora"])
     check_data([run.cfg for run in runs])
-    check_builds([run.cfg for run in runs])
+    check_builds([run.cfg for run in runs], build_trainer)
     return runs
 
 
@@ -192,13 +194,20 @@ def check_data(run_cfgs: Sequence[DictConfig]) -> None:
                 raise ConfigError(f"data{where}: {message}") from None
 
 
-def check_builds(run_cfgs: Sequence[DictConfig]) -> None:
-    """Build each distinct stage's network, LightningModule, optimizer, scheduler and Trainer
-    once, on no data: what only the objects themselves check (an lr torch rejects, an
-    accelerator this machine lacks) fails here, before any training.
+def check_builds(run_cfgs: Sequence[DictConfig], build_trainer: bool = True) -> None:
+    """Build each distinct stage's network, LightningModule, optimizer, scheduler, loggers and
+    Trainer once, on no data: what only the objects themselves check (an lr torch rejects, an
+    accelerator this machine lacks, a logger whose package is missing) fails here, before any
+    training.
+
+    Args:
+        run_cfgs: The runs' configs.
+        build_trainer: False where the runs train on another machine (a cluster launcher):
+            this one may lack their accelerator.
 
     Raises:
-        ConfigError: naming the stage and the part that could not be built.
+        ConfigError: naming the stage, the part that could not be built and, where the
+            error names one, the key.
     """
     seen: list[Any] = []
     quiet = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
@@ -213,19 +222,44 @@ def check_builds(run_cfgs: Sequence[DictConfig]) -> None:
         seen.append(key)
         for each in quiet:  # "GPU available: …" belongs to the real runs
             each.setLevel(logging.ERROR)
-        part = "module"
         try:
-            module = instantiate(run_cfg.module, network=instantiate(run_cfg.model))
-            part = "module.optimizer / module.scheduler"
-            module.configure_optimizers()
-            part = "trainer"
-            instantiate(run_cfg.trainer, logger=False, enable_checkpointing=False)
-        except Exception as error:
-            error = error.__cause__ or error  # Hydra's InstantiationException wraps the cause
-            message = " ".join(str(error).split()) or type(error).__name__
-            raise ConfigError(
-                f"the {run_cfg.stage} stage's {part} cannot be built from the config: {message}"
-            ) from None
+            _build_stage(run_cfg, build_trainer)
         finally:
             for each, level in zip(quiet, levels, strict=True):
                 each.setLevel(level)
+
+
+def _build_stage(run_cfg: DictConfig, build_trainer: bool) -> None:
+    part = "module"
+    try:
+        module = instantiate(run_cfg.module, network=instantiate(run_cfg.model))
+        part = "module.optimizer / module.scheduler"
+        module.configure_optimizers()
+        part = "logger"
+        with tempfile.TemporaryDirectory() as run_dir:  # loggers write nothing until they log
+            placeholders = OmegaConf.merge(run_cfg, {"run_dir": run_dir, "run_id": "preflight"})
+            for node in (placeholders.get("logger") or {}).values():
+                instantiate(node)
+        if build_trainer:
+            part = "trainer"
+            instantiate(run_cfg.trainer, logger=False, enable_checkpointing=False)
+    except Exception as error:
+        error = error.__cause__ or error  # Hydra's InstantiationException wraps the cause
+        message = " ".join(str(error).split()) or type(error).__name__
+        named = [  # the trainer keys (or their values) the error speaks of
+            f"{part}.{key}={value!r}"
+            for key, value in (run_cfg.get(part) or {}).items()
+            if part == "trainer"
+            and (
+                re.search(rf"\b{re.escape(str(key))}\b", message)
+                or (
+                    isinstance(value, str)
+                    and len(value) > 2
+                    and re.search(rf"\b{re.escape(value)}\b", message, re.I)
+                )
+            )
+        ]
+        where = f"{', '.join(named)}: " if named else ""
+        raise ConfigError(
+            f"{where}the {run_cfg.stage} stage's {part} cannot be built from the config: {message}"
+        ) from None

@@ -28,7 +28,7 @@ from lora_lab.models import ClassifierModule, lora_variant, read_weights, save_n
 from lora_lab.pipeline.console import progress_options, say
 from lora_lab.pipeline.results import write_atomic
 from lora_lab.pipeline.resume import resume_checkpoint
-from lora_lab.pipeline.threads import ThreadBudget, sweep_jobs_of
+from lora_lab.pipeline.threads import ThreadBudget
 
 log = logging.getLogger(__name__)
 
@@ -418,7 +418,7 @@ def run_stage(
     loggers = [instantiate(c) for c in run_cfg.logger.values()] if run_cfg.get("logger") else []
     # Callbacks listed in the trainer config (e.g. trainer=ddp's replica check) come first.
     callbacks: list[Callback] = list(instantiate(run_cfg.trainer.get("callbacks")) or [])
-    callbacks += [FinishedEpochs(), ThreadBudget(run_cfg, jobs=sweep_jobs_of(run_cfg))]
+    callbacks += [FinishedEpochs(), ThreadBudget(run_cfg)]
     resume_from, epoch = None, 0
     if identity is not None:
         resume_from, epoch = resume_point(run_dir, identity, run_id)

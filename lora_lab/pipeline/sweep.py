@@ -230,7 +230,7 @@ def _run_pooled(
 
     say(
         f"sweep.jobs={jobs}: {len(runs)} run(s), up to {min(jobs, len(runs))} at a time, "
-        f"{threads_per_job(jobs)} torch thread(s) each"
+        f"{threads_per_job(min(jobs, len(runs)))} torch thread(s) each"
     )
     for run in runs:
         # Several progress bars cannot share one terminal line; the run headers remain.

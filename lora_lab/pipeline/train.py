@@ -17,7 +17,7 @@ from lora_lab.pipeline.results import write_results_csv
 from lora_lab.pipeline.stages import StageRun, run_stage, stage_config
 
 
-def train_preflight(cfg: DictConfig) -> Path | None:
+def train_preflight(cfg: DictConfig, build_trainer: bool = True) -> Path | None:
     """Check a single-stage run before anything is written; returns its starting weights.
 
     Raises:
@@ -28,7 +28,7 @@ def train_preflight(cfg: DictConfig) -> Path | None:
     check_config(cfg, stages=(stage,))
     run_cfg = stage_config(cfg, stage)
     check_data([run_cfg])
-    check_builds([run_cfg])
+    check_builds([run_cfg], build_trainer)
     if stage == "lora":
         check_lora(run_cfg, [run_cfg])
     if stage == "pretrain":

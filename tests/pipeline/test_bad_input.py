@@ -20,7 +20,10 @@ BAD_INPUT = {
     "trainer.max_epochs=0": "trainer.max_epochs=0 is not allowed",
     "trainer.max_epochs=null": "trainer.max_epochs=None is not allowed",
     "trainer.precision=fp8": "trainer.precision='fp8' is not allowed: it must be one of",
-    "trainer.devices=two": "`devices` selected with `CPUAccelerator` should be an int > 0",
+    "trainer.devices=two": "trainer.devices='two': the pretrain stage's trainer cannot be built",
+    "trainer.accelerator=nosuch": "trainer.accelerator='nosuch': the pretrain stage's trainer",
+    "+logger.csv.bogus=1": "logger.csv.bogus=1 is not allowed: lightning.pytorch.loggers.CSVLogger",
+    "module.optimizer._target_=torch.optim.Nosuch": "module.optimizer._target_='torch.optim.Nosuch' cannot be imported",
     "+trainer.foo=1": "trainer.foo=1 is not allowed: lightning.Trainer takes no argument 'foo'",
     "trainer.max_epoch=1": "trainer.max_epoch",
     "stages.lora.lr=fast": "stages.lora.lr='fast' is not allowed: it must be a finite number > 0",
@@ -38,7 +41,7 @@ BAD_INPUT = {
     "data.classes=[99]": "classes=[99] holds index 99, out of range 0..9",
     "stages.lora.classes=[unicorn]": "names unknown class 'unicorn'",
     "data.root=/nonexistent/fm": "data.root='/nonexistent/fm' holds no fashion_mnist files",
-    "data=nosuch": "data",
+    "data=nosuch": "Could not find 'data/nosuch' (choices: cifar10, fashion_mnist",
     "model.hidden_sizes=[a]": "model.hidden_sizes=['a'] is not allowed: it must be a list of integers",
     "module.optimizer.lr=-1": "module.optimizer.lr=-1 is not allowed: it must be a finite number > 0",
     "module.optimizer.lr=fast": "module.optimizer.lr='fast' is not allowed",
@@ -137,3 +140,72 @@ def test_train_checks_its_one_stage_too(tmp_path: Path, tiny_overrides: list[str
         capsys.readouterr().err
     )
     assert not out.exists()
+
+
+# What the schema must not refuse: every option and overrides users write.
+VALID = [
+    "trainer=ddp",
+    "trainer.devices=[0]",
+    "trainer.precision=16-mixed",
+    "trainer.precision=bf16",
+    "output_dir=2024",
+    "data.classes=[Sandal,Bag]",
+    "lora.target_modules=hidden\\..*",
+    "module.scheduler={_target_:torch.optim.lr_scheduler.CosineAnnealingLR,_partial_:true,T_max:5}",
+    "+trainer.strategy={_target_:lightning.pytorch.strategies.DDPStrategy,"
+    "timeout:{_target_:datetime.timedelta,seconds:60}}",
+    "logger=tensorboard",
+    "logger=mlflow",
+]
+
+
+@pytest.mark.parametrize("override", VALID)
+def test_valid_values_pass_the_schema(override: str):
+    from hydra import compose, initialize_config_dir
+
+    from lora_lab.cli import CONF_DIR
+    from lora_lab.pipeline.config_check import check_config
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        check_config(compose("config", overrides=[override]))
+
+
+@pytest.mark.parametrize("experiment", ["linear_shift", "mnist_seed", "cifar_subset"])
+def test_every_experiment_passes_the_schema(experiment: str):
+    from hydra import compose, initialize_config_dir
+
+    from lora_lab.cli import CONF_DIR
+    from lora_lab.pipeline.config_check import check_config
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        check_config(compose("config", overrides=[f"experiment={experiment}"]))
+
+
+def test_a_missing_logger_package_is_found_before_training(
+    tmp_path: Path, tiny_overrides: list[str], capsys
+):
+    pytest.importorskip("lightning")
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("mlflow is installed here")
+    out = tmp_path / "study"
+    assert main(["sweep", *tiny_overrides, f"output_dir={out}", "logger=mlflow"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the pretrain stage's logger cannot be built from the config" in err and "mlflow" in err
+    assert not out.exists()
+
+
+def test_a_cluster_launcher_builds_its_trainers_where_the_jobs_run(
+    tmp_path: Path, tiny_overrides: list[str]
+):
+    # trainer=gpu from a login node without a GPU: the jobs run on GPU nodes.
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from lora_lab.cli import _hydra_args, _preflight
+
+    args = ["-m", "hydra/launcher=slurm", "trainer=gpu", "stage=pretrain", "seed=0,1"]
+    args += [*tiny_overrides, f"output_dir={tmp_path / 'multi'}"]
+    assert _preflight("train", _hydra_args(args)) == []
+    assert not (tmp_path / "multi").exists()

@@ -340,7 +340,7 @@ def test_the_planner_fuses_on_any_accelerator_and_precision(
     # This machine has no GPU, so the preflight's Trainer build would refuse trainer=gpu (as it
     # should for a real run); what is under test here is the grouping.
     plan_module = importlib.import_module("lora_lab.pipeline.plan")  # the module, not plan()
-    monkeypatch.setattr(plan_module, "check_builds", lambda run_cfgs: None)
+    monkeypatch.setattr(plan_module, "check_builds", lambda *args: None)
     runs = lora_runs(composed(tmp_path, "sweep.ranks=[1,2,4]", *overrides))
     assert fused.fusable(runs) == ([runs], [])
 

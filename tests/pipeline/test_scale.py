@@ -34,6 +34,7 @@ from lora_lab.pipeline.parallel import (
     trainable_digest,
 )
 from lora_lab.pipeline.plan import PlannedRun
+from lora_lab.pipeline.threads import POOL_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -149,10 +150,12 @@ def test_pool_workers_get_disjoint_gpus(monkeypatch: pytest.MonkeyPatch):
     counter = multiprocessing.get_context("spawn").Value("i", 1)  # the second worker
     threads = torch.get_num_threads()
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    monkeypatch.setenv(POOL_ENV, "")  # restored after the test: _init_worker sets it
     try:
-        _init_worker(1, ["0,2", "1,3"], counter)
+        _init_worker(2, ["0,2", "1,3"], counter)
         assert os.environ["CUDA_VISIBLE_DEVICES"] == "1,3" and counter.value == 2
-        assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == threads_per_job(2)
+        assert os.environ[POOL_ENV] == "2"  # each run's ThreadBudget shares the CPUs by 2
     finally:
         torch.set_num_threads(threads)
 
@@ -173,11 +176,11 @@ def test_parallel_sweep_writes_what_a_serial_sweep_writes(
         "sweep.learning_rates=[1e-3,1e30]",
     ]
     parallel = tmp_path / "parallel"
-    # The parent (pretrain here, every run in the serial sweep below) gets the thread count of
-    # a pool worker: CPU kernels sum in a thread-count-dependent order, and the comparison
-    # with the serial sweep is meant to be exact.
+    # Every run (pretrain here, every run in the serial sweep below, the pool workers') gets
+    # the same thread count: CPU kernels sum in a thread-count-dependent order, and the
+    # comparison with the serial sweep is meant to be exact.
+    overrides.append(f"threads={threads_per_job(2)}")
     threads = torch.get_num_threads()
-    torch.set_num_threads(threads_per_job(2))
     try:
         assert main(["sweep", *overrides, f"output_dir={parallel}", "sweep.jobs=2"]) == 1
         err = capfd.readouterr().err
