@@ -8,22 +8,31 @@ Typical use::
     ...
     save_adapter(model, "adapters/rank8")      # loads in peft.PeftModel.from_pretrained too
     unload_lora(model)                         # plain layers with merged weights
+
+Methods: `LoRAConfig(use_dora=True)` builds DoRA layers (`lora_lab.lora.dora`),
+`LoRAConfig(init="pissa")` PiSSA layers (`lora_lab.lora.pissa`).
 """
 
 from lora_lab.lora.adapter_io import load_adapter, save_adapter
 from lora_lab.lora.config import LoRAConfig
+from lora_lab.lora.dora import DoRAConv2d, DoRAEmbedding, DoRALinear
 from lora_lab.lora.embedding import LoRAEmbedding
 from lora_lab.lora.inject import inject_lora, lora_config, lora_layers, lora_parameters
 from lora_lab.lora.layers import LoRAConv2d, LoRALayer, LoRALinear
 from lora_lab.lora.merge import is_merged, lora_delta_weight, merge_lora, unload_lora, unmerge_lora
 from lora_lab.lora.params import count_parameters, parameter_summary
+from lora_lab.lora.pissa import PiSSALinear
 
 __all__ = [
+    "DoRAConv2d",
+    "DoRAEmbedding",
+    "DoRALinear",
     "LoRAConfig",
     "LoRAConv2d",
     "LoRAEmbedding",
     "LoRALayer",
     "LoRALinear",
+    "PiSSALinear",
     "count_parameters",
     "inject_lora",
     "is_merged",

@@ -2,7 +2,8 @@
 
 A folder holds `adapter_config.json` and `adapter_model.safetensors`. Tensor keys are
 `base_model.model.<module>.lora_A.weight` / `.lora_B.weight` (embeddings:
-`.lora_embedding_A` / `.lora_embedding_B`), `base_model.model.<module>.<param>` for each entry
+`.lora_embedding_A` / `.lora_embedding_B`; DoRA adds `.lora_magnitude_vector`, PEFT's saved key
+without the adapter name and `.weight`), `base_model.model.<module>.<param>` for each entry
 of a `modules_to_save` module's state dict, and for biases `base_model.model.<layer>.base_layer.bias`
 (wrapped layers) or `base_model.model.<module>.bias` (others) — exactly as PEFT writes them.
 
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors_bytes
-from torch import nn
+from torch import Tensor, nn
 
 from lora_lab._atomic import atomic_write_bytes
 from lora_lab.lora.config import LoRAConfig
@@ -37,6 +38,7 @@ from lora_lab.lora.inject import (
     remove_adapter,
 )
 from lora_lab.lora.merge import is_merged
+from lora_lab.lora.pissa import PiSSALinear, converted_config
 from lora_lab.lora.targets import (
     ResolvedTargets,
     base_named_modules,
@@ -67,6 +69,11 @@ def _peft_targets(model: nn.Module, targets: tuple[str, ...]) -> str | list[str]
 def save_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     """Write the model's adapter to `directory` in PEFT's format (created if missing).
 
+    DoRA adapters include their magnitude vectors. A PiSSA adapter is written, as PEFT's
+    `save_pretrained(path_initial_model_for_weight_conversion=...)` converts it, as a plain
+    LoRA of rank 2r relative to the unmodified pretrained weights (`lora_lab.lora.pissa`), so it
+    loads on the pretrained network (here or in PEFT) and gives the trained model's outputs.
+
     Args:
         model: A model with an adapter from `inject_lora` / `load_adapter`. May be merged.
         directory: Destination folder.
@@ -82,13 +89,14 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
         raise ValueError("model has no LoRA adapter to save; call inject_lora first")
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
+    live, config = _saved_tensors(model, state)
     # Clone: safetensors refuses tensors that share storage (e.g. tied modules_to_save weights).
     tensors = {
         PREFIX + key: tensor.detach().to("cpu", copy=True).contiguous()
-        for key, tensor in adapter_keys(model, state).items()
+        for key, tensor in live.items()
     }
     _warn_loose_peft_match(model, state.modules_to_save)
-    peft = state.config.to_peft_dict(
+    peft = config.to_peft_dict(
         _peft_targets(model, state.targets), list(state.modules_to_save) or None
     )
     # Atomic writes (temp file + rename), with the umask's file mode.
@@ -97,6 +105,23 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     atomic_write_bytes(folder / WEIGHTS_NAME, weights, fsync=True)
     atomic_write_bytes(folder / CONFIG_NAME, config_text.encode(), fsync=True)
     return folder
+
+
+def _saved_tensors(model: nn.Module, state: AdapterState) -> tuple[dict[str, Tensor], LoRAConfig]:
+    """The tensors to write (keys without prefix) and the config that describes them.
+
+    A PiSSA adapter is written as PEFT converts it: a rank-2r plain LoRA on the pretrained
+    weights (`lora_lab.lora.pissa`). Unlike PEFT's conversion, which keeps only lora_A/lora_B,
+    `modules_to_save` and bias tensors are kept, so the file reproduces the trained model.
+    """
+    tensors = adapter_keys(model, state)
+    if state.config.method != "pissa":
+        return tensors, state.config
+    for name, layer in lora_layers(model).items():
+        assert isinstance(layer, PiSSALinear)
+        for suffix, tensor in layer.converted_factors().items():
+            tensors[f"{name}.{suffix}"] = tensor
+    return tensors, converted_config(state.config)
 
 
 def _warn_loose_peft_match(model: nn.Module, saved: tuple[str, ...]) -> None:
@@ -198,8 +223,10 @@ def _prepare_layers(model: nn.Module, config: LoRAConfig, resolved: ResolvedTarg
     """Make the model's adapter structure match `config`, reusing layers when possible."""
     old = adapter_state(model)
     layers = lora_layers(model)
+    # A PiSSA layer's base weight depends on its own factors: it is always rebuilt.
     same_shape = (
         old is not None
+        and old.config.method == config.method != "pissa"
         and tuple(layers) == resolved.targets
         and all(layer.rank == config.rank for layer in layers.values())
     )

@@ -15,13 +15,12 @@ from dataclasses import dataclass
 from typing import Any
 
 ALL_LINEAR = "all-linear"
-INIT_MODES = ("kaiming", "gaussian")
+INIT_MODES = ("kaiming", "gaussian", "pissa")
 BIAS_MODES = ("none", "all", "lora_only")
 
 # PEFT config keys whose non-default values change what the adapter computes. We do not implement
 # them, so a file that uses them must be refused rather than silently loaded as something else.
 _UNSUPPORTED_PEFT_KEYS: dict[str, Any] = {
-    "use_dora": False,
     "lora_bias": False,
     "fan_in_fan_out": False,
     "rank_pattern": {},
@@ -73,8 +72,13 @@ class LoRAConfig:
             included unless `modules_to_save` names it), a regex string fully matched against
             module names, or a list/tuple of names matched exactly or as a ".name" suffix.
         use_rslora: Use the rank-stabilised scaling alpha/sqrt(r) (Kalajdzievski 2023).
-        init: "kaiming" (A kaiming-uniform(a=√5), B zeros) or "gaussian" (A normal with
-            std 1/r, B zeros). Embedding adapters always use A zeros, B normal, as PEFT does.
+        init: "kaiming" (A kaiming-uniform(a=√5), B zeros), "gaussian" (A normal with
+            std 1/r, B zeros) or "pissa" (Meng et al. 2024: A, B from the top-r SVD of W, and
+            the frozen weight becomes the residual W - scaling·B·A; nn.Linear targets only, as
+            in PEFT). Embedding adapters use A zeros, B normal, as PEFT does.
+        use_dora: Weight-decomposed LoRA (DoRA, Liu et al. 2024): a trainable magnitude per
+            output row (per output channel for Conv2d, per embedding dimension for Embedding)
+            rescales W + scaling·B·A normalised, as PEFT computes it. Not with init="pissa".
         bias: Which biases train: "none", "all" (every bias in the model) or "lora_only" (the
             biases of wrapped layers).
         modules_to_save: Names (exact or ".name" suffix) of modules trained in full and saved
@@ -91,6 +95,7 @@ class LoRAConfig:
     target_modules: str | Sequence[str] = ALL_LINEAR
     use_rslora: bool = False
     init: str = "kaiming"
+    use_dora: bool = False
     bias: str = "none"
     modules_to_save: Sequence[str] | None = None
 
@@ -111,6 +116,12 @@ class LoRAConfig:
             raise ValueError(f"use_rslora must be True or False, got {self.use_rslora!r}")
         if self.init not in INIT_MODES:
             raise ValueError(f"init must be one of {INIT_MODES}, got {self.init!r}")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"use_dora must be True or False, got {self.use_dora!r}")
+        if self.use_dora and self.init == "pissa":
+            # A PiSSA adapter is saved as a plain LoRA relative to the pretrained weights (as
+            # PEFT converts it); DoRA's magnitude has no such form, PEFT's conversion drops it.
+            raise ValueError("use_dora=True cannot be combined with init='pissa'")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
         self.target_modules = self._validated_targets(self.target_modules)
@@ -131,6 +142,13 @@ class LoRAConfig:
                     ) from None
             return value
         return _as_name_tuple(value, "target_modules")
+
+    @property
+    def method(self) -> str:
+        """The kind of layer `inject_lora` builds: "dora", "pissa" or "lora"."""
+        if self.use_dora:
+            return "dora"
+        return "pissa" if self.init == "pissa" else "lora"
 
     @property
     def scaling(self) -> float:
@@ -164,12 +182,13 @@ class LoRAConfig:
             "use_rslora": self.use_rslora,
             "modules_to_save": modules_to_save,
             # PEFT: True means kaiming-uniform A; "gaussian" means normal A with std 1/r.
-            "init_lora_weights": True if self.init == "kaiming" else "gaussian",
+            "init_lora_weights": True if self.init == "kaiming" else self.init,
             "megatron_config": None,
             "megatron_core": "megatron.core",
             "loftq_config": {},
         }
         peft.update(_UNSUPPORTED_PEFT_KEYS)
+        peft["use_dora"] = self.use_dora
         return peft
 
     @classmethod
@@ -178,7 +197,7 @@ class LoRAConfig:
 
         Raises:
             ValueError: If the file is not a LoRA config or uses a PEFT feature this library does
-                not implement (DoRA, lora_bias, rank_pattern, ...).
+                not implement (lora_bias, rank_pattern, pissa_niter_*, ...).
         """
         if peft.get("peft_type") != "LORA":
             raise ValueError(f"peft_type must be 'LORA', got {peft.get('peft_type')!r}")
@@ -188,10 +207,11 @@ class LoRAConfig:
                 raise ValueError(f"PEFT option {key}={value!r} is not supported by lora_lab.lora")
         init_weights = peft.get("init_lora_weights", True)
         # False (PEFT's "random B") only matters before training; the loaded weights replace it.
-        init_map = {True: "kaiming", False: "kaiming", "gaussian": "gaussian"}
+        init_map = {True: "kaiming", False: "kaiming", "gaussian": "gaussian", "pissa": "pissa"}
         if not isinstance(init_weights, bool | str) or init_weights not in init_map:
             raise ValueError(
-                f"init_lora_weights={init_weights!r} is not supported; use true or 'gaussian'"
+                f"init_lora_weights={init_weights!r} is not supported; use true, 'gaussian' "
+                "or 'pissa'"
             )
         if peft.get("target_modules") is None:
             raise ValueError("adapter config has no target_modules")
@@ -202,6 +222,7 @@ class LoRAConfig:
             target_modules=peft["target_modules"],
             use_rslora=peft.get("use_rslora", False),
             init=init_map[init_weights],
+            use_dora=peft.get("use_dora") or False,
             bias=peft.get("bias", "none"),
             modules_to_save=peft.get("modules_to_save") or None,
         )

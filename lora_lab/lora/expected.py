@@ -76,24 +76,32 @@ def adapter_keys(model: nn.Module, state: AdapterState) -> dict[str, Tensor]:
     return tensors
 
 
-def _factor_shapes(module: nn.Module, rank: int) -> dict[str, tuple[int, ...]]:
-    """Shapes of A and B that a wrapper of `module` with this rank would have."""
+def _factor_shapes(module: nn.Module, rank: int, dora: bool) -> dict[str, tuple[int, ...]]:
+    """Shapes of A, B (and DoRA's magnitude) that a wrapper of `module` would have."""
+    shapes: dict[str, tuple[int, ...]]
     if isinstance(module, nn.Embedding):
-        return {
+        shapes = {
             "lora_embedding_A": (rank, module.num_embeddings),
             "lora_embedding_B": (module.embedding_dim, rank),
         }
-    if isinstance(module, nn.Conv2d):
+        magnitude: tuple[int, ...] = (module.embedding_dim,)
+    elif isinstance(module, nn.Conv2d):
         kernel_h, kernel_w = module.kernel_size
-        return {
+        shapes = {
             "lora_A.weight": (rank, module.in_channels, kernel_h, kernel_w),
             "lora_B.weight": (module.out_channels, rank, 1, 1),
         }
-    assert isinstance(module, nn.Linear)
-    return {
-        "lora_A.weight": (rank, module.in_features),
-        "lora_B.weight": (module.out_features, rank),
-    }
+        magnitude = (1, module.out_channels, 1, 1)  # PEFT's layout
+    else:
+        assert isinstance(module, nn.Linear)
+        shapes = {
+            "lora_A.weight": (rank, module.in_features),
+            "lora_B.weight": (module.out_features, rank),
+        }
+        magnitude = (module.out_features,)
+    if dora:
+        shapes["lora_magnitude_vector"] = magnitude
+    return shapes
 
 
 def expected_shapes(
@@ -112,7 +120,7 @@ def expected_shapes(
     lookup = dict(base_named_modules(model))
     shapes: dict[str, Size | tuple[int, ...]] = {}
     for name in resolved.targets:
-        for suffix, shape in _factor_shapes(lookup[name], config.rank).items():
+        for suffix, shape in _factor_shapes(lookup[name], config.rank, config.use_dora).items():
             shapes[f"{name}.{suffix}"] = shape
     for name in resolved.modules_to_save:
         for key, tensor in module_tensors(lookup[name]).items():

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_lab.lora.inject import lora_layers, set_submodule
-from lora_lab.lora.layers import LoRALinear
+from lora_lab.lora.layers import LoRALayer, LoRALinear
 
 
 class GroupingError(ValueError):
@@ -185,27 +185,43 @@ def _frozen_tensors(network: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+# Why a method's adapters cannot share one forward pass; the message names the method.
+_UNFUSABLE = {
+    "dora": "DoRA adapters do not fuse (each rescales its own merged weight by a magnitude); "
+    "they run one after another",
+    "pissa": "PiSSA adapters do not fuse (each replaces the frozen weight by its own residual "
+    "W - s·B₀A₀); they run one after another",
+}
+
+
+def _check_plain_linear(name: str, layer: LoRALayer) -> None:
+    if layer.method in _UNFUSABLE:
+        raise GroupingError(f"{name}: {_UNFUSABLE[layer.method]}")
+    if type(layer) is not LoRALinear:
+        raise GroupingError(
+            f"{name} is a {type(layer).__name__}; fused training handles Linear adapters only"
+        )
+
+
 def check_groupable(networks: Sequence[nn.Module]) -> None:
     """Raise `GroupingError` unless the networks differ only in their LoRALinear adapters.
 
-    Checks: the same wrapped layer names; every wrapper a `LoRALinear`; nothing trainable but
-    the adapter factors (no trainable biases, no `modules_to_save`); identical frozen weights.
+    Checks: the same wrapped layer names; every wrapper a plain `LoRALinear` (DoRA and PiSSA
+    layers are refused, the message naming the method); nothing trainable but the adapter
+    factors (no trainable biases, no `modules_to_save`); identical frozen weights.
     """
     if not networks:
         raise GroupingError("no networks to group")
     first = lora_layers(networks[0])
     if not first:
         raise GroupingError("the network has no LoRA layers")
-    for name, layer in first.items():
-        if not isinstance(layer, LoRALinear):
-            raise GroupingError(
-                f"{name} is a {type(layer).__name__}; fused training handles Linear adapters only"
-            )
     reference = _frozen_tensors(networks[0])
     for network in networks:
         layers = lora_layers(network)
         if list(layers) != list(first):
             raise GroupingError("the networks wrap different layers")
+        for name, layer in layers.items():
+            _check_plain_linear(name, layer)
         factors = {id(p) for layer in layers.values() for p in layer.adapter_parameters()}
         extra = [
             n for n, p in network.named_parameters() if p.requires_grad and id(p) not in factors

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from torch import nn
 
 from lora_lab.lora.config import LoRAConfig
+from lora_lab.lora.dora import DoRAConv2d, DoRAEmbedding, DoRALinear
 from lora_lab.lora.embedding import LoRAEmbedding
 from lora_lab.lora.layers import LoRAConv2d, LoRALayer, LoRALinear
+from lora_lab.lora.pissa import PiSSALinear
 from lora_lab.lora.targets import ResolvedTargets, resolve_targets
 
 logger = logging.getLogger("lora_lab.lora")
@@ -80,7 +82,7 @@ def _bias_parameters(model: nn.Module, mode: str) -> list[nn.Parameter]:
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters a LoRA finetune trains, collected explicitly.
 
-    That is every wrapper's A and B, every parameter of the `modules_to_save` modules and the
+    That is every wrapper's A and B (and DoRA's magnitude), every parameter of the `modules_to_save` modules and the
     biases selected by the config's `bias` mode. Shared parameters appear once.
 
     Args:
@@ -112,9 +114,23 @@ def mark_trainable(model: nn.Module) -> None:
 
 
 def _wrap(module: nn.Module, config: LoRAConfig) -> LoRALayer:
+    if config.method == "pissa":
+        return PiSSALinear(
+            module,  # type: ignore[arg-type]  # resolve_targets checked it is an nn.Linear
+            config.rank,
+            config.alpha,
+            dropout=config.dropout,
+            use_rslora=config.use_rslora,
+        )
+    dora = config.method == "dora"
     if isinstance(module, nn.Embedding):
-        return LoRAEmbedding(module, config.rank, config.alpha, config.use_rslora)
-    layer_cls = LoRAConv2d if isinstance(module, nn.Conv2d) else LoRALinear
+        embedding_cls = DoRAEmbedding if dora else LoRAEmbedding
+        return embedding_cls(module, config.rank, config.alpha, config.use_rslora)
+    layer_cls: type[LoRALinear | LoRAConv2d]
+    if isinstance(module, nn.Conv2d):
+        layer_cls = DoRAConv2d if dora else LoRAConv2d
+    else:
+        layer_cls = DoRALinear if dora else LoRALinear
     return layer_cls(
         module,  # type: ignore[arg-type]
         config.rank,
@@ -170,8 +186,8 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
         The names of the wrapped modules.
 
     Raises:
-        ValueError: If the model already has LoRA layers, or targets do not resolve (see
-            `resolve_targets`).
+        ValueError: If the model already has LoRA layers, or targets do not resolve or do not
+            support the method (see `resolve_targets`); nothing is changed then.
     """
     if not isinstance(config, LoRAConfig):
         raise ValueError(f"config must be a LoRAConfig, got {type(config).__name__}")
@@ -189,11 +205,15 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
 def remove_adapter(model: nn.Module) -> None:
     """Put each (unmerged) wrapper's base layer back in its place and forget the state.
 
-    Base parameters stay frozen; the adapter tensors are dropped.
+    Base parameters stay frozen; the adapter tensors are dropped; a PiSSA layer's base gets
+    its exact pretrained weight back.
     """
-    for name, layer in lora_layers(model).items():
-        if layer.merged:
-            raise ValueError(f"layer {name!r} is merged; unmerge before removing the adapter")
+    layers = lora_layers(model)
+    merged = [name for name, layer in layers.items() if layer.merged]
+    if merged:
+        raise ValueError(f"layer {merged[0]!r} is merged; unmerge before removing the adapter")
+    for name, layer in layers.items():
+        layer.restore_base()
         set_submodule(model, name, layer.base_layer)
     if hasattr(model, STATE_ATTR):
         delattr(model, STATE_ATTR)

@@ -37,8 +37,11 @@ class LoRALayer(nn.Module):
         alpha: The scale numerator.
         scaling: alpha/r, or alpha/sqrt(r) with rsLoRA.
         merged: Whether ΔW is currently added into `base_layer.weight`.
+        method: "lora" here; "dora" and "pissa" in the subclasses of `lora_lab.lora.dora` and
+            `lora_lab.lora.pissa`.
     """
 
+    method: str = "lora"
     base_layer: nn.Module
     premerge_weight: torch.Tensor | None
 
@@ -85,15 +88,43 @@ class LoRALayer(nn.Module):
         """Initialise A and B so that ΔW = 0 (init: "kaiming" or "gaussian")."""
         raise NotImplementedError
 
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight that merging puts in place of the unmerged base weight `weight`.
+
+        Args:
+            weight: The unmerged base weight in fp32, shaped like `base_layer.weight`.
+
+        Returns:
+            W + ΔW in fp32 (DoRA rescales it, see `lora_lab.lora.dora`).
+        """
+        return weight + self.delta_weight()
+
+    def unmerged_weight(self) -> torch.Tensor:
+        """The base weight without this adapter merged in (the saved copy while merged)."""
+        if self.merged:
+            assert self.premerge_weight is not None
+            return self.premerge_weight
+        return self.base_layer.weight
+
+    def effective_delta_weight(self) -> torch.Tensor:
+        """What the adapter adds to the pretrained weight, in fp32, shaped like the weight.
+
+        B·A·scaling for LoRA; DoRA and PiSSA override it (their ΔW is not B·A·scaling).
+        """
+        return self.delta_weight()
+
+    def restore_base(self) -> None:
+        """Put the pretrained weight back before the wrapper is removed (PiSSA changes it)."""
+
     def merge(self) -> None:
-        """Add ΔW into the base weight (idempotent). ΔW is computed in fp32, cast back."""
+        """Merge the adapter into the base weight (idempotent), computed in fp32, cast back."""
         if self.merged:
             return
         weight = self.base_layer.weight
         # An enclosing autocast region (bf16-mixed training) would run B@A in low precision.
         with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
             original = weight.data
-            merged = (original.float() + self.delta_weight()).to(original.dtype)
+            merged = self.merged_weight(original.float()).to(original.dtype)
             self.premerge_weight = original
             weight.data = merged
         self.merged = True
@@ -116,7 +147,10 @@ class LoRALayer(nn.Module):
         return self.base_layer
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:.4g}, merged={self.merged}"
+        return (
+            f"method={self.method}, rank={self.rank}, alpha={self.alpha}, "
+            f"scaling={self.scaling:.4g}, merged={self.merged}"
+        )
 
 
 class LoRALinear(LoRALayer):

@@ -35,21 +35,24 @@ def _check_untied(layers: dict[str, LoRALayer]) -> None:
 
 
 def lora_delta_weight(layer: LoRALayer) -> torch.Tensor:
-    """ΔW = B·A·scaling of one LoRA layer, in fp32.
+    """ΔW of one LoRA layer: what it adds to the pretrained weight, in fp32.
+
+    B·A·scaling for LoRA; for PiSSA (B·A − B₀·A₀)·scaling, as the base weight holds the
+    residual W − B₀·A₀·scaling; for DoRA m/‖W + s·B·A‖ · (W + s·B·A) − W.
 
     Args:
-        layer: A LoRA wrapper.
+        layer: A LoRA wrapper, merged or not.
 
     Returns:
         A tensor shaped like `layer.base_layer.weight`: [out, in] for Linear, [out, in, kh, kw]
         for Conv2d, [num_embeddings, embedding_dim] for Embedding. Differentiable; call
         `.detach()` for analysis.
     """
-    return layer.delta_weight()
+    return layer.effective_delta_weight()
 
 
 def merge_lora(model: nn.Module) -> None:
-    """Add every adapter's ΔW into its base weight. Idempotent.
+    """Merge every adapter into its base weight (DoRA: rescaled rows). Idempotent.
 
     Raises:
         ValueError: If the model has no LoRA layers, or two adapted layers share a weight.

@@ -17,6 +17,7 @@ from torch import nn
 
 from lora_lab.lora.config import ALL_LINEAR, LoRAConfig
 from lora_lab.lora.layers import SUPPORTED_TYPES, LoRALayer, check_conv_supported
+from lora_lab.lora.pissa import check_pissa_target
 
 logger = logging.getLogger("lora_lab.lora")
 
@@ -101,8 +102,9 @@ def resolve_targets(model: nn.Module, config: LoRAConfig) -> ResolvedTargets:
 
     Raises:
         ValueError: If nothing matches (the message lists the candidate layers), a matched
-            module has an unsupported type, a target lies inside a `modules_to_save` module,
-            a `modules_to_save` entry matches nothing, or a target is shared / grouped.
+            module has an unsupported type (for PiSSA: is not an nn.Linear, or is smaller than
+            the rank), a target lies inside a `modules_to_save` module, a `modules_to_save`
+            entry matches nothing, or a target is shared / grouped.
     """
     modules = [(n, m) for n, m in base_named_modules(model) if n]
     candidates = [n for n, m in modules if isinstance(m, SUPPORTED_TYPES)]
@@ -157,8 +159,9 @@ def resolve_targets(model: nn.Module, config: LoRAConfig) -> ResolvedTargets:
     for name in targets:
         module = lookup[name]
         if not isinstance(module, SUPPORTED_TYPES):
+            method = {"dora": "DoRA", "pissa": "PiSSA"}.get(config.method, "LoRA")
             raise ValueError(
-                f"module {name!r} is a {type(module).__name__}; LoRA supports only "
+                f"module {name!r} is a {type(module).__name__}; {method} supports only "
                 f"{', '.join('nn.' + t.__name__ for t in SUPPORTED_TYPES)}"
             )
         if isinstance(module, nn.Conv2d):
@@ -166,5 +169,7 @@ def resolve_targets(model: nn.Module, config: LoRAConfig) -> ResolvedTargets:
                 check_conv_supported(module)
             except ValueError as err:
                 raise ValueError(f"module {name!r}: {err}") from None
+        if config.method == "pissa":
+            check_pissa_target(name, module, config.rank)
     _check_shared(model, targets)
     return ResolvedTargets(targets=tuple(targets), modules_to_save=tuple(save_names))

@@ -94,3 +94,16 @@ def assert_same_snapshot(before: dict[str, Any], after: dict[str, Any]) -> None:
     assert before["state"].keys() == after["state"].keys()
     for key, value in before["state"].items():
         assert torch.equal(value, after["state"][key]), key
+
+
+def nudge_adapters(model: nn.Module, seed: int = 0, scale: float = 0.3) -> None:
+    """Add random noise to every adapter tensor (DoRA magnitudes included), keeping its init.
+
+    Unlike `perturb_adapters` the values stay near the trained-from point, so a DoRA magnitude
+    stays near the row norms and a PiSSA factor near its SVD init.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            for param in layer.adapter_parameters():
+                param.add_(torch.randn(param.shape, generator=generator) * scale)

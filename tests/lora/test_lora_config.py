@@ -26,7 +26,15 @@ from lora_lab.lora import LoRAConfig
         ({"dropout": 1.0}, r"dropout must be a number in \[0, 1\), got 1\.0"),
         ({"dropout": -0.1}, r"dropout must be a number in \[0, 1\), got -0\.1"),
         ({"dropout": "0.1"}, r"dropout must be a number in \[0, 1\), got '0\.1'"),
-        ({"init": "xavier"}, r"init must be one of \('kaiming', 'gaussian'\), got 'xavier'"),
+        (
+            {"init": "xavier"},
+            r"init must be one of \('kaiming', 'gaussian', 'pissa'\), got 'xavier'",
+        ),
+        ({"use_dora": 1}, r"use_dora must be True or False, got 1"),
+        (
+            {"use_dora": True, "init": "pissa"},
+            r"use_dora=True cannot be combined with init='pissa'",
+        ),
         ({"bias": "some"}, r"bias must be one of \('none', 'all', 'lora_only'\), got 'some'"),
         ({"target_modules": 3}, r"target_modules must be a string or a list/tuple"),
         ({"target_modules": {"fc1": 1}}, r"target_modules must be a string or a list/tuple"),
@@ -78,13 +86,30 @@ def test_peft_dict_round_trip() -> None:
 
 
 @pytest.mark.parametrize(
+    ("kwargs", "method", "peft_keys"),
+    [
+        ({"use_dora": True}, "dora", {"use_dora": True, "init_lora_weights": True}),
+        ({"init": "pissa"}, "pissa", {"use_dora": False, "init_lora_weights": "pissa"}),
+        ({}, "lora", {"use_dora": False, "init_lora_weights": True}),
+    ],
+)
+def test_methods_map_to_peft_keys_and_back(kwargs: dict, method: str, peft_keys: dict) -> None:
+    config = LoRAConfig(rank=2, alpha=4, target_modules=["fc1"], **kwargs)
+    assert config.method == method
+    peft = config.to_peft_dict(["fc1"], None)
+    assert {k: peft[k] for k in peft_keys} == peft_keys
+    assert LoRAConfig.from_peft_dict(peft) == config
+
+
+@pytest.mark.parametrize(
     ("update", "message"),
     [
         ({"peft_type": "IA3"}, "peft_type must be 'LORA'"),
-        ({"use_dora": True}, "use_dora=True is not supported"),
+        ({"use_dora": "yes"}, "use_dora must be True or False"),
+        ({"use_dora": True, "init_lora_weights": "pissa"}, "cannot be combined"),
         ({"rank_pattern": {"fc1": 2}}, "rank_pattern=.* is not supported"),
         ({"fan_in_fan_out": True}, "fan_in_fan_out=True is not supported"),
-        ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa' is not supported"),
+        ({"init_lora_weights": "pissa_niter_4"}, "init_lora_weights='pissa_niter_4' is not"),
         ({"r": 0}, "rank must be an int >= 1"),
     ],
 )
