@@ -115,16 +115,21 @@ class PiSSALinear(LoRALinear):
         dropout: float = 0.0,
         use_rslora: bool = False,
     ) -> None:
-        check_pissa_target(type(base_layer).__name__, base_layer, rank)
+        check_pissa_target("base_layer", base_layer, rank)
         super().__init__(base_layer, rank, alpha, dropout, use_rslora, init="pissa")
 
     def reset_adapter(self, init: str) -> None:
-        """Set A, B to the PiSSA factors of the pretrained W and the base weight to W_res."""
+        """Set A, B to the PiSSA factors of the pretrained W and the base weight to W_res.
+
+        The residual goes into a new Parameter: the original weight Parameter is left as it
+        was, so a network sharing it (or a tied layer) keeps the pretrained values (PEFT
+        overwrites `weight.data` in place instead).
+        """
         del init  # always PiSSA
         weight = self.base_layer.weight
         pretrained = self._buffers.get("pretrained_weight")
         if pretrained is None:
-            pretrained = weight.data
+            pretrained = weight.detach()  # the original storage, not a copy
         a, b, residual = pissa_factors(pretrained, self.rank, self.scaling)
         with torch.no_grad():
             self.lora_A.weight.copy_(a)
@@ -132,7 +137,7 @@ class PiSSALinear(LoRALinear):
         self.register_buffer("pissa_initial_A", a.to(weight.dtype), persistent=False)
         self.register_buffer("pissa_initial_B", b.to(weight.dtype), persistent=False)
         self.register_buffer("pretrained_weight", pretrained, persistent=False)
-        weight.data = residual.to(weight.dtype)
+        self.base_layer.weight = nn.Parameter(residual.to(weight.dtype), requires_grad=False)
 
     def configure(self, alpha: float, dropout: float, use_rslora: bool) -> None:
         """Refused: the residual depends on the scaling, so PiSSA layers are rebuilt instead."""
@@ -142,7 +147,7 @@ class PiSSALinear(LoRALinear):
         """Put the exact pretrained W back into `base_layer` (the wrapper is then stale)."""
         if self.merged:
             raise ValueError("unmerge the PiSSA layer before restoring its base weight")
-        self.base_layer.weight.data = self.pretrained_weight
+        self.base_layer.weight = nn.Parameter(self.pretrained_weight, requires_grad=False)
 
     def initial_delta_weight(self) -> torch.Tensor:
         """s·B₀·A₀ [out, in] in fp32: the part of W moved into the adapter at injection."""

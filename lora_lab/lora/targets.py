@@ -90,6 +90,23 @@ def _check_shared(model: nn.Module, targets: Sequence[str]) -> None:
             )
 
 
+def _check_target(name: str, module: nn.Module, config: LoRAConfig) -> None:
+    """Raise ValueError, naming the module, if `config`'s method cannot wrap `module`."""
+    if not isinstance(module, SUPPORTED_TYPES):
+        method = {"dora": "DoRA", "pissa": "PiSSA"}.get(config.method, "LoRA")
+        raise ValueError(
+            f"module {name!r} is a {type(module).__name__}; {method} supports only "
+            f"{', '.join('nn.' + t.__name__ for t in SUPPORTED_TYPES)}"
+        )
+    if isinstance(module, nn.Conv2d):
+        try:
+            check_conv_supported(module)
+        except ValueError as err:
+            raise ValueError(f"module {name!r}: {err}") from None
+    if config.method == "pissa":
+        check_pissa_target(name, module, config.rank)
+
+
 def resolve_targets(model: nn.Module, config: LoRAConfig) -> ResolvedTargets:
     """Match `config.target_modules` and `config.modules_to_save` against `model`.
 
@@ -157,19 +174,6 @@ def resolve_targets(model: nn.Module, config: LoRAConfig) -> ResolvedTargets:
             f"(Linear/Conv2d/Embedding): {_listing(candidates)}"
         )
     for name in targets:
-        module = lookup[name]
-        if not isinstance(module, SUPPORTED_TYPES):
-            method = {"dora": "DoRA", "pissa": "PiSSA"}.get(config.method, "LoRA")
-            raise ValueError(
-                f"module {name!r} is a {type(module).__name__}; {method} supports only "
-                f"{', '.join('nn.' + t.__name__ for t in SUPPORTED_TYPES)}"
-            )
-        if isinstance(module, nn.Conv2d):
-            try:
-                check_conv_supported(module)
-            except ValueError as err:
-                raise ValueError(f"module {name!r}: {err}") from None
-        if config.method == "pissa":
-            check_pissa_target(name, module, config.rank)
+        _check_target(name, lookup[name], config)
     _check_shared(model, targets)
     return ResolvedTargets(targets=tuple(targets), modules_to_save=tuple(save_names))

@@ -211,3 +211,12 @@ def test_pissa_does_not_fuse() -> None:
     inject_lora(model, LoRAConfig(rank=2, alpha=2, init="pissa"))
     with pytest.raises(GroupingError, match="PiSSA adapters do not fuse"):
         check_groupable([model])
+
+
+def test_a_network_sharing_the_pretrained_weights_keeps_them() -> None:
+    model = make_model("mlp")
+    other = make_model("mlp")
+    other.fc1.weight = model.fc1.weight  # e.g. frozen weights shared between runs
+    inject_lora(model, CONFIG)
+    assert torch.equal(other.fc1.weight, make_model("mlp").fc1.weight)
+    assert model.fc1.base_layer.weight is not other.fc1.weight
