@@ -11,6 +11,7 @@ RESULT_COLUMNS: tuple[str, ...] = (
     "alpha",
     "seed",
     "learning_rate",
+    "method",
     "trainable_params",
     "total_params",
     "test_acc",
@@ -26,7 +27,7 @@ RESULT_COLUMNS: tuple[str, ...] = (
 )
 #: Columns added after the first studies were written: a table without them still reads,
 #: with the column empty.
-OPTIONAL_COLUMNS: tuple[str, ...] = ("pass",)
+OPTIONAL_COLUMNS: tuple[str, ...] = ("pass", "method")
 #: Numeric columns (empty cells read as NaN); the others are text.
 NUMERIC_COLUMNS: tuple[str, ...] = (
     "rank",

@@ -8,6 +8,7 @@ hand the optimizer exactly the parameters `inject_lora` left trainable.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lora_lab.lora import LoRAConfig, inject_lora, lora_parameters
+from lora_lab.lora import LoRAConfig, inject_lora, lora_parameter_groups, lora_parameters
 from lora_lab.models.weights import load_network_weights
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -162,8 +163,12 @@ class ClassifierModule(L.LightningModule):
         """The parameters the optimizer updates: every parameter that requires grad."""
         return [p for p in self.network.parameters() if p.requires_grad]
 
+    def optimizer_parameters(self) -> list[nn.Parameter] | list[dict[str, Any]]:
+        """What the optimizer gets: the trainable parameters (or parameter groups)."""
+        return self.trainable_parameters()
+
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.trainable_parameters())
+        optimizer = self.optimizer_factory(self.optimizer_parameters())
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
@@ -191,6 +196,27 @@ class RegressionModule(ClassifierModule):
         """Regression has no metric beyond the loss already logged."""
 
 
+def factory_lr(factory: Any) -> float:
+    """The learning rate an optimizer partial will use: its `lr`, or the class's default.
+
+    Raises:
+        ValueError: when neither is known (LoRA+ needs the base lr to scale B's).
+    """
+    keywords = getattr(factory, "keywords", None) or {}
+    if "lr" in keywords:
+        return float(keywords["lr"])
+    target = getattr(factory, "func", factory)
+    try:
+        default = inspect.signature(target).parameters["lr"].default
+    except (TypeError, ValueError, KeyError):
+        default = inspect.Parameter.empty
+    if not isinstance(default, (int, float)):
+        raise ValueError(
+            "lora.loraplus_lr_ratio needs module.optimizer.lr to scale B's learning rate"
+        )
+    return float(default)
+
+
 class LoRAMixin:
     """Turns a task module into its LoRA variant without touching its forward or steps.
 
@@ -200,6 +226,8 @@ class LoRAMixin:
         pretrained: Path to the pretrained network weights (`.safetensors` or a Lightning
             `.ckpt`); None keeps the network's current weights (tests, or weights set by the
             caller).
+        loraplus_lr_ratio: LoRA+: B (and DoRA's magnitude) learn at the optimizer's lr times
+            this (`lora_lab.lora.lora_parameter_groups`); None: one lr for all.
         **kwargs: Passed on to the task module (optimizer, scheduler, num_classes, ...).
     """
 
@@ -210,17 +238,26 @@ class LoRAMixin:
         network: nn.Module,
         lora: LoRAConfig | dict[str, Any],
         pretrained: str | Path | None = None,
+        loraplus_lr_ratio: float | None = None,
         **kwargs: Any,
     ) -> None:
         if pretrained is not None:
             load_network_weights(network, pretrained)
         self.lora_config = lora if isinstance(lora, LoRAConfig) else LoRAConfig(**lora)
         self.wrapped_modules = inject_lora(network, self.lora_config)
+        self.loraplus_lr_ratio = loraplus_lr_ratio
         super().__init__(network=network, **kwargs)  # type: ignore[call-arg]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Exactly what `inject_lora` made trainable: adapters, modules_to_save, biases."""
         return lora_parameters(self.network)
+
+    def optimizer_parameters(self) -> list[nn.Parameter] | list[dict[str, Any]]:
+        """The trainable parameters; with LoRA+, PEFT's parameter groups (B at lr × ratio)."""
+        if self.loraplus_lr_ratio is None:
+            return self.trainable_parameters()
+        lr = factory_lr(self.optimizer_factory)  # type: ignore[attr-defined]
+        return lora_parameter_groups(self.network, lr, self.loraplus_lr_ratio)
 
 
 class LoRAClassifierModule(LoRAMixin, ClassifierModule):

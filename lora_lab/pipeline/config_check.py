@@ -28,6 +28,7 @@ from hydra._internal.utils import _locate  # hydra.utils.get_class logs each fai
 from omegaconf import DictConfig, OmegaConf
 
 from lora_lab.lora import LoRAConfig
+from lora_lab.pipeline.methods import EXTRA_KEYS
 from lora_lab.pipeline.stages import STAGES, stage_config
 
 
@@ -52,6 +53,7 @@ class SweepSchema:
     seeds: list[int] | None = None
     alphas: list[float] | None = field(default=None, metadata=_bound(POSITIVE))
     learning_rates: list[float] | None = field(default=None, metadata=_bound(POSITIVE))
+    methods: list[str] | None = None
     jobs: int = field(default=1, metadata=_bound(AT_LEAST_1))
     fused: bool = True
     restart: bool = False
@@ -76,6 +78,14 @@ class StudySchema:
     stage: Literal["pretrain", "full_finetune", "lora"] = "lora"
     pretrain_ckpt: str | int | None = None
     threads: int | None = field(default=None, metadata=_bound(AT_LEAST_1))
+
+
+@dataclass
+class LoRAMethodSchema:
+    """The `lora.*` keys beside LoRAConfig's fields (see pipeline.methods)."""
+
+    method: str = "default"
+    loraplus_lr_ratio: float | None = field(default=None, metadata=_bound(POSITIVE))
 
 
 # Ranges of `_target_` arguments (their types come from the signatures).
@@ -308,8 +318,9 @@ def check_config(cfg: DictConfig, stages: Sequence[str] = STAGES) -> None:
     for stage in STAGES:
         _check_dataclass(StageSchema, plain["stages"][stage], f"stages.{stage}.")
     _check_dataclass(LoRAConfig, plain["lora"], "lora.")
+    _check_dataclass(LoRAMethodSchema, plain["lora"], "lora.")
     try:
-        LoRAConfig(**plain["lora"])
+        LoRAConfig(**{k: v for k, v in plain["lora"].items() if k not in EXTRA_KEYS})
     except (TypeError, ValueError) as error:
         raise ConfigError(f"lora.{error}") from None
     for stage in stages:

@@ -33,12 +33,13 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lora_lab.lora import LoRAConfig, inject_lora, save_adapter
+from lora_lab.lora import inject_lora, save_adapter
 from lora_lab.lora.grouped import GroupingError, check_groupable, check_grouped
 from lora_lab.models import ClassifierModule
 from lora_lab.models.fused import FusedLoRAModule
 from lora_lab.pipeline.console import progress_options, say
 from lora_lab.pipeline.cpu import ThreadChooser, retain_freed_memory
+from lora_lab.pipeline.methods import lora_config_of
 from lora_lab.pipeline.plan import PlannedRun
 from lora_lab.pipeline.record import failed_result, record
 from lora_lab.pipeline.resume import CHECKPOINT_FILE, flatten
@@ -60,7 +61,9 @@ from lora_lab.pipeline.threads import ThreadBudget
 PROBE_SIZE = 16
 PASSES = "passes"
 # What each member owns: these may differ within a group.
-OWN_LORA_KEYS = ("rank", "alpha", "use_rslora", "init", "dropout")
+# `init` is the adapter's own except for PiSSA, which also changes the frozen base (the key
+# records `pissa` apart: those runs never join a group of others).
+OWN_LORA_KEYS = ("rank", "alpha", "use_rslora", "init", "dropout", "method")
 OWN_MODULE_KEYS = ("optimizer", "scheduler")
 # Trainer options that manual optimization (one optimizer per member) cannot honour.
 UNSUPPORTED_TRAINER = {
@@ -83,6 +86,7 @@ def _fusion_key(run_cfg: DictConfig) -> dict[str, Any]:
     key = {group: _plain(run_cfg[group]) for group in ("data", "model", "trainer")}
     key["module"] = {k: v for k, v in _plain(run_cfg.module).items() if k not in OWN_MODULE_KEYS}
     key["lora"] = {k: v for k, v in _plain(run_cfg.lora).items() if k not in OWN_LORA_KEYS}
+    key["lora"]["pissa"] = run_cfg.lora.get("init") == "pissa"
     return key
 
 
@@ -105,8 +109,13 @@ def _unsupported(run_cfg: DictConfig) -> str | None:
             f"trainer.precision={trainer['precision']!r}: the fp16 gradient scaler would update "
             "once per member; fused passes run in 32-true, bf16-mixed or bf16-true"
         )
+    if run_cfg.lora.get("loraplus_lr_ratio") is not None:
+        return (
+            f"lora.loraplus_lr_ratio={run_cfg.lora.loraplus_lr_ratio}: LoRA+ gives B its own "
+            "learning rate, and a fused pass gives each member one"
+        )
     network = instantiate(run_cfg.model)
-    inject_lora(network, LoRAConfig(**_plain(run_cfg.lora)))
+    inject_lora(network, lora_config_of(run_cfg.lora))
     try:
         check_groupable([network])
     except GroupingError as error:
@@ -185,6 +194,7 @@ def run_fused(
     for reason, items in itertools.groupby(alone, key=lambda item: item[1]):
         skipped = [run for run, _ in items]
         how = "it runs on its own" if len(skipped) == 1 else "they run one after another"
+        reason = reason.removesuffix("; they run one after another")  # some reasons say it
         _say(f"not fused: {describe(skipped)}: {reason}; {how}")
     results: list[dict[str, Any]] = []
     sequential = [run for run, _ in alone]

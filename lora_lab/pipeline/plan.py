@@ -3,6 +3,7 @@ input checks that must pass before anything trains or is written."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -18,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lora_lab.lora import LoRAConfig, inject_lora
 from lora_lab.pipeline.config_check import ConfigError, check_config
+from lora_lab.pipeline.methods import lora_config_of, method_patch
 from lora_lab.pipeline.resume import run_identity
 from lora_lab.pipeline.stages import adapter_name_for, run_id_for, stage_config
 
@@ -30,8 +32,9 @@ class StudyError(ValueError):
 class PlannedRun:
     """One run of the study: its stage, seed, rank, per-run config and identity.
 
-    `alpha` and `learning_rate` are set only when the sweep varies them (`sweep.alphas`,
-    `sweep.learning_rates`); `adapter` is the LoRA run's folder under `adapters/`.
+    `alpha`, `learning_rate` and `method` are set only when the sweep varies them
+    (`sweep.alphas`, `sweep.learning_rates`, `sweep.methods`); `adapter` is the LoRA run's
+    folder under `adapters/`.
     """
 
     stage: str
@@ -39,6 +42,7 @@ class PlannedRun:
     rank: int | None = None
     alpha: float | None = None
     learning_rate: float | None = None
+    method: str | None = None
     epochs: int = 0
     cfg: DictConfig = field(repr=False, default=None)  # type: ignore[assignment]
     run_id: str = ""
@@ -48,7 +52,8 @@ class PlannedRun:
     def label(self) -> str:
         if self.stage != "lora":
             return self.stage
-        swept = f" alpha={self.alpha:g}" if self.alpha is not None else ""
+        swept = f" {self.method}" if self.method is not None else ""
+        swept += f" alpha={self.alpha:g}" if self.alpha is not None else ""
         swept += f" lr={self.learning_rate:g}" if self.learning_rate is not None else ""
         return f"lora rank={self.rank}{swept} seed={self.seed}"
 
@@ -111,43 +116,27 @@ def plan(cfg: DictConfig, build_trainer: bool = True) -> list[PlannedRun]:
         raise StudyError("sweep.seeds=[] must list at least one seed, e.g. sweep.seeds=[0,1,2]")
     sweep_jobs(cfg)
     # `lora.rank` itself is replaced by each of sweep.ranks, but a bad value is still an error.
-    LoRAConfig(**OmegaConf.to_container(cfg.lora, resolve=True))
+    lora_config_of(cfg.lora)
     alphas = _grid(cfg, "alphas", "[1,8,32]")
     learning_rates = _grid(cfg, "learning_rates", "[1e-4,1e-3]")
+    methods = _methods(cfg)
     runs = [PlannedRun("pretrain", int(cfg.seed)), PlannedRun("full_finetune", int(cfg.seed))]
     runs += [
-        PlannedRun("lora", int(seed), rank, alpha, learning_rate)
-        for seed, rank, alpha, learning_rate in itertools.product(
-            seeds, _ranks(cfg), alphas, learning_rates
+        PlannedRun("lora", int(seed), rank, alpha, learning_rate, method)
+        for seed, method, rank, alpha, learning_rate in itertools.product(
+            seeds, methods, _ranks(cfg), alphas, learning_rates
         )
     ]
-    # Names carry a swept dimension only when it has several values, so the default layout
-    # (`lora_r8_a8_s0`, `adapters/rank_8_seed_0`) stays as it was.
-    name_alpha, name_lr = len(alphas) > 1, len(learning_rates) > 1
     for run in runs:
-        run.cfg = stage_config(
-            cfg,
-            run.stage,
-            rank=run.rank,
-            seed=run.seed,
-            alpha=run.alpha,
-            learning_rate=run.learning_rate,
+        _name(
+            cfg, run, runs[0], several=(len(alphas) > 1, len(learning_rates) > 1, len(methods) > 1)
         )
-        run.epochs = int(run.cfg.trainer.max_epochs)
-        alpha = float(run.cfg.lora.alpha) if run.stage == "lora" else None
-        learning_rate = run.learning_rate if name_lr else None
-        run.run_id = run_id_for(run.stage, run.rank, alpha, run.seed, learning_rate)
-        if run.stage == "lora":
-            run.adapter = adapter_name_for(
-                run.rank, run.seed, run.alpha if name_alpha else None, learning_rate
-            )
-        upstream = None if run.stage == "pretrain" else runs[0].identity
-        run.identity = run_identity(run.cfg, upstream)
     duplicates = sorted(n for n, count in Counter(r.run_id for r in runs).items() if count > 1)
     if duplicates:
         raise StudyError(
             f"the sweep lists the same run more than once ({', '.join(duplicates)}); "
-            "check sweep.ranks, sweep.alphas, sweep.learning_rates and sweep.seeds for repeats"
+            "check sweep.ranks, sweep.alphas, sweep.learning_rates, sweep.methods and "
+            "sweep.seeds for repeats"
         )
     check_lora(runs[-1].cfg, [run.cfg for run in runs if run.stage == "lora"])
     check_data([run.cfg for run in runs])
@@ -155,19 +144,68 @@ def plan(cfg: DictConfig, build_trainer: bool = True) -> list[PlannedRun]:
     return runs
 
 
+def _methods(cfg: DictConfig) -> list[str | None]:
+    """`sweep.methods` (names of `conf/lora/` options), or `[None]`: the study's own `lora`."""
+    names = cfg.sweep.get("methods")
+    if not names:
+        return [None]
+    for name in names:
+        method_patch(str(name))  # an unknown name lists the ones there are
+    return [str(name) for name in names]
+
+
+def _name(
+    cfg: DictConfig, run: PlannedRun, pretrain: PlannedRun, several: tuple[bool, bool, bool]
+) -> None:
+    """Fill a planned run's config, epochs, id, adapter folder and identity.
+
+    Names carry a swept dimension only when it has several values, so the default layout
+    (`lora_r8_a8_s0`, `adapters/rank_8_seed_0`) stays as it was.
+    """
+    name_alpha, name_lr, name_method = several
+    run.cfg = stage_config(
+        cfg,
+        run.stage,
+        rank=run.rank,
+        seed=run.seed,
+        alpha=run.alpha,
+        learning_rate=run.learning_rate,
+        method=run.method,
+    )
+    run.epochs = int(run.cfg.trainer.max_epochs)
+    alpha = float(run.cfg.lora.alpha) if run.stage == "lora" else None
+    learning_rate = run.learning_rate if name_lr else None
+    method = run.method if name_method else None
+    run.run_id = run_id_for(run.stage, run.rank, alpha, run.seed, learning_rate, method)
+    if run.stage == "lora":
+        run.adapter = adapter_name_for(
+            run.rank, run.seed, run.alpha if name_alpha else None, learning_rate, method
+        )
+    upstream = None if run.stage == "pretrain" else pretrain.identity
+    run.identity = run_identity(run.cfg, upstream)
+
+
 def check_lora(stage_cfg: DictConfig, lora_cfgs: Sequence[DictConfig]) -> None:
     """Validate every run's LoRAConfig, and that the targets match layers of the network
-    (by injecting into a throwaway network, before any training)."""
+    (by injecting into a throwaway network, before any training). Each method's largest rank
+    is injected: PiSSA refuses a rank above a target layer's min(in, out)."""
     lora_logger = logging.getLogger("lora_lab.lora")
     level = lora_logger.level
     lora_logger.setLevel(logging.ERROR)  # size warnings belong to the real runs, not this check
     try:
-        for run_cfg in lora_cfgs:
-            LoRAConfig(**OmegaConf.to_container(run_cfg.lora, resolve=True))
-        config = LoRAConfig(**OmegaConf.to_container(stage_cfg.lora, resolve=True))
-        inject_lora(instantiate(stage_cfg.model), config)
-    except ValueError as error:  # LoRAConfig's messages start with the field they name
-        raise ConfigError(f"lora.{' '.join(str(error).split())}") from None
+        largest: dict[str, LoRAConfig] = {}
+        for run_cfg in [stage_cfg, *lora_cfgs]:
+            config = lora_config_of(run_cfg.lora)
+            kind = repr(dataclasses.replace(config, rank=1, alpha=1))
+            if kind not in largest or config.rank > largest[kind].rank:
+                largest[kind] = config
+        for config in largest.values():
+            inject_lora(instantiate(stage_cfg.model), config)
+    except ValueError as error:
+        message = " ".join(str(error).split())
+        field = message.split(" ")[0].split("=")[0]
+        named = field in {f.name for f in dataclasses.fields(LoRAConfig)}
+        raise ConfigError(f"lora.{message}" if named else f"lora: {message}") from None
     finally:
         lora_logger.setLevel(level)
 

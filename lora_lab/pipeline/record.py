@@ -7,6 +7,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from lora_lab.pipeline.methods import method_of
 from lora_lab.pipeline.plan import PlannedRun
 from lora_lab.pipeline.results import write_result
 
@@ -27,6 +28,7 @@ def failed_result(run: PlannedRun, error: BaseException, pass_id: str = "") -> d
         "alpha": float(run.cfg.lora.alpha) if run.stage == "lora" else None,
         "seed": run.seed,
         "learning_rate": float(run.cfg.module.optimizer.lr),
+        "method": method_of(run.cfg.lora) if run.stage == "lora" else None,
         "run_dir": f"runs/{run.run_id}",
         "pass": pass_id or run.run_id,
         "status": "failed",

@@ -23,9 +23,10 @@ from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from lora_lab.lora import LoRAConfig, count_parameters, lora_delta_weight, lora_layers, save_adapter
+from lora_lab.lora import count_parameters, lora_delta_weight, lora_layers, save_adapter
 from lora_lab.models import ClassifierModule, lora_variant, read_weights, save_network_weights
 from lora_lab.pipeline.console import progress_options, say
+from lora_lab.pipeline.methods import lora_config_of, loraplus_ratio_of, method_of, method_patch
 from lora_lab.pipeline.results import write_atomic
 from lora_lab.pipeline.resume import resume_checkpoint
 from lora_lab.pipeline.threads import ThreadBudget
@@ -64,28 +65,36 @@ def run_id_for(
     alpha: float | None = None,
     seed: int = 0,
     learning_rate: float | None = None,
+    method: str | None = None,
 ) -> str:
     """A readable, unique folder name for a run, e.g. `lora_r8_a8_s0`.
 
-    `learning_rate` is given only when a sweep varies it (`lora_r8_a8_lr0.001_s0`), so the
-    names of single-learning-rate studies stay as they were.
+    `learning_rate` and `method` are given only when a sweep varies them
+    (`lora_dora_r8_a8_lr0.001_s0`), so the names of other studies stay as they were.
     """
     if stage != "lora":
         return stage
     lr = f"_lr{learning_rate:g}" if learning_rate is not None else ""
-    return f"lora_r{rank}_a{alpha:g}{lr}_s{seed}"
+    kind = f"_{method}" if method is not None else ""
+    return f"lora{kind}_r{rank}_a{alpha:g}{lr}_s{seed}"
 
 
 def adapter_name_for(
-    rank: int, seed: int, alpha: float | None = None, learning_rate: float | None = None
+    rank: int,
+    seed: int,
+    alpha: float | None = None,
+    learning_rate: float | None = None,
+    method: str | None = None,
 ) -> str:
-    """The folder under `adapters/` of a LoRA run: `rank_<r>_seed_<s>`, plus `_alpha_<a>` and
-    `_lr_<lr>` for the values a sweep varies (None: not varied, left out of the name)."""
+    """The folder under `adapters/` of a LoRA run: `rank_<r>_seed_<s>`, plus `_alpha_<a>`,
+    `_lr_<lr>` and `_method_<m>` for the values a sweep varies (None: not varied, left out)."""
     name = f"rank_{rank}_seed_{seed}"
     if alpha is not None:
         name += f"_alpha_{alpha:g}"
     if learning_rate is not None:
         name += f"_lr_{learning_rate:g}"
+    if method is not None:
+        name += f"_method_{method}"
     return name
 
 
@@ -97,6 +106,7 @@ def stage_config(
     seed: int | None = None,
     alpha: float | None = None,
     learning_rate: float | None = None,
+    method: str | None = None,
 ) -> DictConfig:
     """The config one run sees: `stages.<stage>` merged over the top-level groups.
 
@@ -107,6 +117,8 @@ def stage_config(
         seed: The run's seed (sets `seed`); None keeps `cfg.seed`.
         alpha: For LoRA runs, sets `lora.alpha` (None keeps it, by default `${lora.rank}`).
         learning_rate: Sets `module.optimizer.lr`, over `stages.<stage>.lr`.
+        method: For LoRA runs, a `lora` option (`conf/lora/<method>.yaml`) whose method keys
+            replace the study's (None keeps them).
 
     Returns:
         A new config; `cfg` is not modified.
@@ -134,6 +146,9 @@ def stage_config(
             merged.lora.rank = rank
         if alpha is not None:
             merged.lora.alpha = alpha
+        if method is not None:
+            for key, value in method_patch(method).items():
+                merged.lora[key] = value
         if seed is not None:
             merged.seed = seed
     return merged
@@ -162,7 +177,7 @@ def build_module(
         raise ValueError(f"stage={stage} needs pretrain_ckpt=<weights file>; none was given")
     if stage == "lora":
         lora_class = lora_variant(get_class(run_cfg.module._target_))
-        lora_config = LoRAConfig(**OmegaConf.to_container(run_cfg.lora, resolve=True))
+        lora_config = lora_config_of(run_cfg.lora)
         # Built objects go to the partial, not through instantiate's kwargs (which would turn
         # the LoRAConfig dataclass into a config node).
         factory = instantiate(
@@ -170,7 +185,12 @@ def build_module(
             _target_=f"{lora_class.__module__}.{lora_class.__qualname__}",
             _partial_=True,
         )
-        return factory(network=network, lora=lora_config, pretrained=str(pretrained))
+        return factory(
+            network=network,
+            lora=lora_config,
+            pretrained=str(pretrained),
+            loraplus_lr_ratio=loraplus_ratio_of(run_cfg.lora),
+        )
     if stage == "full_finetune":
         from lora_lab.models import load_network_weights
 
@@ -346,6 +366,7 @@ def result_row(
         "alpha": float(run_cfg.lora.alpha) if stage == "lora" else None,
         "seed": int(run_cfg.seed),
         "learning_rate": float(run_cfg.module.optimizer.lr),
+        "method": method_of(run_cfg.lora) if stage == "lora" else None,
         "trainable_params": counts["trainable"],
         "total_params": counts["total"],
         **tested,

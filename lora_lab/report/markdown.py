@@ -15,14 +15,17 @@ from lora_lab.report.curves import metrics_path
 from lora_lab.report.results import (
     format_value,
     main_metric,
+    normalize_results,
     ok_mask,
     ok_runs,
     read_results,
+    varying_lora_dims,
 )
 from lora_lab.report.tables import (
     format_runs,
     format_summary,
     markdown_table,
+    method_comparison,
     summary_table,
 )
 
@@ -223,6 +226,25 @@ def _config_section(study: Path) -> list[str]:
     ]
 
 
+def _methods_section(df: pd.DataFrame) -> list[str]:
+    """Method × rank, with the winner at each rank and its margin (when methods vary)."""
+    compared = method_comparison(df)
+    if compared is None:
+        return []
+    table, sentences = compared
+    pooled = [d for d in varying_lora_dims(normalize_results(df)) if d != "method"]
+    note = f" Runs that differ in {' and '.join(pooled)} are pooled." if pooled else ""
+    return [
+        "## Methods",
+        "",
+        f"Test metric per method and rank, mean ± sd over seeds.{note}",
+        "",
+        markdown_table(table),
+        *sentences,
+        "",
+    ]
+
+
 def _results_section(df: pd.DataFrame) -> list[str]:
     """The per-configuration summary, with every run's row folded away below it."""
     if df.empty:
@@ -280,6 +302,7 @@ def write_report(study_dir: str | Path) -> Path:
     headline = _headline(df)
     if headline:
         lines += ["## Headline", "", *headline, ""]
+    lines += _methods_section(df)
     lines += _results_section(df)
     if not failed.empty:
         errors = pd.DataFrame(

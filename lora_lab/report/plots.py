@@ -68,15 +68,13 @@ def rank_plot_dimensions(df: pd.DataFrame) -> tuple[str | None, str | None]:
     """How the rank plot shows the LoRA hyper-parameters that vary besides rank and seed.
 
     Returns:
-        ``(hue, facet)``: the varying one of ``alpha`` (or ``alpha_per_rank``, see
-        :func:`~lora_lab.report.results.varying_lora_dims`) and ``learning_rate`` as hue; when
-        both vary, alpha is the hue (it interacts with rank through the α/r scaling) and the
-        figure has one panel per ``learning_rate``.
+        ``(hue, facet)``: the first varying one of ``method``, ``alpha`` (or
+        ``alpha_per_rank``, see :func:`~lora_lab.report.results.varying_lora_dims`) and
+        ``learning_rate`` as hue, the second (if any) as one panel per value: methods are
+        told apart by colour, and alpha interacts with rank through the α/r scaling.
     """
     dims = varying_lora_dims(normalize_results(df))
-    if len(dims) == 2:
-        return dims[0], "learning_rate"
-    return (dims[0] if dims else None), None
+    return (dims[0] if dims else None), (dims[1] if len(dims) > 1 else None)
 
 
 def _annotate_params(ax: Axes, lora: pd.DataFrame, metric: str, hue: str | None) -> None:
@@ -118,9 +116,16 @@ def draw_accuracy_vs_rank(df: pd.DataFrame) -> Figure | None:
         _hue=lora[hue].map(lambda v: "LoRA " + format_value(hue, v)) if hue else "LoRA"
     )
     hue_order = list(dict.fromkeys(lora.sort_values(hue)["_hue"])) if hue else None
-    palette = dict(zip(hue_order, sequential_colors(hue_order), strict=True)) if hue else None
+    if hue == "method":  # categories, not an order: default first, in a qualitative palette
+        hue_order = sorted(hue_order or [], key=lambda label: label != "LoRA default")
+        colors = sns.color_palette("colorblind", n_colors=len(hue_order))
+    else:
+        colors = sequential_colors(hue_order) if hue else []
+    palette = dict(zip(hue_order, colors, strict=True)) if hue else None
     panels = sorted(lora[facet].dropna().unique()) if facet else [None]
-    n_seeds = int(lora.groupby(["rank", "alpha", "learning_rate"], dropna=False).size().max())
+    n_seeds = int(
+        lora.groupby(["rank", "alpha", "learning_rate", "method"], dropna=False).size().max()
+    )
     with theme():
         fig, axes = new_figure(4.6 * len(panels) + 1.4, 4.8, ncols=len(panels), sharey=True)
         for ax, panel in zip(axes[0], panels, strict=True):

@@ -67,6 +67,8 @@ def normalize_results(df: pd.DataFrame, source: str | Path = "results table") ->
     for column in TEXT_COLUMNS:
         out[column] = out[column].fillna("").astype(str).str.strip()
     out["status"] = out["status"].str.lower()
+    # Tables written before methods were a sweep axis: their LoRA runs are plain LoRA.
+    out.loc[(out["stage"] == "lora") & (out["method"] == ""), "method"] = "default"
     # α/r is the LoRA scaling; sweeps often tie α to r (α = r, α = 2r), which is one setting.
     # Rounded so that float noise does not split one ratio into several.
     out["alpha_per_rank"] = (out["alpha"] / out["rank"].where(out["rank"] > 0)).round(9)
@@ -157,10 +159,12 @@ def varying_lora_dims(df: pd.DataFrame) -> list[str]:
         df: A normalized results table.
 
     Returns:
-        A sub-list of ``["alpha" | "alpha_per_rank", "learning_rate"]``.
+        A sub-list of ``["method", "alpha" | "alpha_per_rank", "learning_rate"]``.
     """
     lora = ok_runs(df, "lora").dropna(subset=["rank"])
     dims = []
+    if _varies_within_a_rank(lora, "method"):
+        dims.append("method")
     if _varies_within_a_rank(lora, "alpha"):
         by_ratio = lora["alpha_per_rank"].nunique() < lora["alpha"].nunique()
         dims.append("alpha_per_rank" if by_ratio else "alpha")
@@ -177,6 +181,8 @@ def fixed_lora_settings(df: pd.DataFrame) -> list[str]:
     """
     lora = ok_runs(df, "lora").dropna(subset=["rank"])
     settings = []
+    if lora["method"].nunique() == 1 and lora["method"].iloc[0] not in ("", "default"):
+        settings.append(str(lora["method"].iloc[0]))
     if lora["alpha"].nunique() == 1:
         settings.append(format_value("alpha", lora["alpha"].iloc[0]))
     elif lora["alpha_per_rank"].nunique() == 1:
@@ -196,6 +202,8 @@ def format_value(column: str, value: float) -> str:
         "rank": "r",
         "seed": "s",
     }
+    if column == "method":
+        return str(value)
     prefix = prefixes.get(column, column)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return f"{prefix}=?"

@@ -13,12 +13,14 @@ import pandas as pd
 
 from lora_lab.report.results import (
     extra_numeric_columns,
+    main_metric,
     normalize_results,
     ok_mask,
+    ok_runs,
     sort_by_stage,
 )
 
-GROUP_KEYS: list[str] = ["stage", "rank", "alpha", "learning_rate"]
+GROUP_KEYS: list[str] = ["stage", "method", "rank", "alpha", "learning_rate"]
 
 
 def _metric_columns(df: pd.DataFrame) -> list[str]:
@@ -32,7 +34,7 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
         df: A results table (raw or normalized; validated here).
 
     Returns:
-        Columns ``stage, rank, alpha, learning_rate, n_seeds, failed``, then ``<m>_mean`` and
+        Columns ``stage, method, rank, alpha, learning_rate, n_seeds, failed``, then ``<m>_mean`` and
         ``<m>_std`` for ``m`` in ``test_acc, test_loss, source_test_acc`` and any numeric extra
         column, then ``trainable_params, total_params, pct_trainable, train_seconds_mean``.
         ``n_seeds`` counts finished runs, ``failed`` the others; means and sample standard
@@ -105,6 +107,7 @@ def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
     shown = pd.DataFrame(
         {
             "stage": summary["stage"],
+            "method": summary["method"].fillna("").astype(str),
             "rank": summary["rank"].map(_fmt("g")),
             "α": summary["alpha"].map(_fmt("g")),
             "lr": summary["learning_rate"].map(_fmt("g")),
@@ -125,7 +128,65 @@ def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
         lambda v: "" if _is_missing(v) else f"{v:.3g}%"
     )
     shown["train s (mean)"] = summary["train_seconds_mean"].map(_fmt(".1f"))
+    if shown["method"].replace("", pd.NA).dropna().nunique() <= 1:
+        shown = shown.drop(columns="method")  # one method: nothing to tell apart
     return _drop_empty(shown, keep=("stage", "seeds"))
+
+
+def method_comparison(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]] | None:
+    """Methods × ranks: the main metric per method and rank (mean ± sd over seeds), the best
+    method at each rank, and one sentence per rank on by how much it wins (accuracy margins
+    in points) and whether that is more than the seeds' spread.
+
+    Runs that differ in other LoRA settings too (α, lr) are pooled; the caller says so.
+
+    Args:
+        df: A results table.
+
+    Returns:
+        ``(table, sentences)``, or None when the finished LoRA runs have fewer than 2 methods.
+    """
+    df = normalize_results(df)
+    lora = ok_runs(df, "lora").dropna(subset=["rank"])
+    metric, _label = main_metric(df)
+    if lora["method"].nunique() < 2:
+        return None
+    higher = metric != "test_loss"
+    stats = lora.groupby(["rank", "method"])[metric].agg(["mean", "std", "count"])
+    methods = sorted(lora["method"].unique(), key=lambda m: (m != "default", m))
+    spec = _metric_format(metric)
+    # Accuracy differences read in points (0.012 → 1.2 points), losses as they are.
+    scale, unit, gap = (100.0, " points", ".2f") if higher else (1.0, "", spec)
+    rows, sentences = [], []
+    for rank, by_method in stats.groupby(level="rank"):
+        by_method = by_method.droplevel("rank")
+        ranked = by_method.sort_values("mean", ascending=not higher)
+        best, best_row = ranked.index[0], ranked.iloc[0]
+        row: dict[str, object] = {"rank": f"{rank:g}"}
+        for method in methods:
+            cell = by_method.loc[method] if method in by_method.index else None
+            text = "" if cell is None else _mean_std(cell["mean"], cell["std"], spec)
+            row[method] = text
+        if len(ranked) > 1:
+            second, second_row = ranked.index[1], ranked.iloc[1]
+            margin = abs(best_row["mean"] - second_row["mean"]) * scale
+            row["best"] = f"{best} (+{margin:{gap}}{unit} over {second})"
+            seeds = int(min(best_row["count"], second_row["count"]))
+            if seeds > 1:
+                spread = max(_zero(best_row["std"]), _zero(second_row["std"])) * scale
+                verdict = "within" if margin <= spread else "beyond"
+                how = f"{verdict} the seed spread: sd up to {spread:{gap}}{unit} over {seeds} seeds"
+            else:
+                how = "one seed: no spread to compare with"
+            sentences.append(
+                f"- rank {rank:g}: **{best}** wins by {margin:{gap}}{unit} over {second} ({how})."
+            )
+        rows.append(row)
+    return pd.DataFrame(rows), sentences
+
+
+def _zero(value: object) -> float:
+    return 0.0 if _is_missing(value) else float(value)  # type: ignore[arg-type]
 
 
 def format_runs(df: pd.DataFrame) -> pd.DataFrame:

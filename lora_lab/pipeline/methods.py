@@ -1,0 +1,67 @@
+"""LoRA methods as a sweep axis: the options of the `lora` config group (`conf/lora/`).
+
+An option sets only the method keys (`METHOD_KEYS`) over `default`: `rslora` sets `use_rslora`,
+`dora` sets `use_dora`, `pissa` sets `init`, `loraplus` sets `loraplus_lr_ratio`. A run of
+`sweep.methods=[default,dora]` takes the study's `lora` settings (rank, alpha, targets, …) with
+the method keys of its option.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from lora_lab.lora import LoRAConfig
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# The keys a method option sets; every other `lora.*` key is the study's.
+METHOD_KEYS = ("method", "use_rslora", "use_dora", "init", "loraplus_lr_ratio")
+# `lora.*` keys that are not LoRAConfig fields: the method's name and an optimizer setting.
+EXTRA_KEYS = ("method", "loraplus_lr_ratio")
+
+
+class MethodError(ValueError):
+    """A `sweep.methods` entry that names no option of `conf/lora/`."""
+
+
+def available_methods(conf_dir: Path = CONF_DIR) -> list[str]:
+    """The options of the `lora` config group, `default` first."""
+    names = sorted(path.stem for path in (conf_dir / "lora").glob("*.yaml"))
+    return sorted(names, key=lambda name: name != "default")
+
+
+def method_patch(name: str, conf_dir: Path = CONF_DIR) -> dict[str, Any]:
+    """The method keys of option `name`: `default`'s, with the option's own over them.
+
+    Raises:
+        MethodError: naming the options there are.
+    """
+    known = available_methods(conf_dir)
+    if name not in known:
+        raise MethodError(
+            f"sweep.methods holds {name!r}, which is not a LoRA method; choose from "
+            f"{', '.join(known)} (the options of conf/lora/)"
+        )
+    default = OmegaConf.load(conf_dir / "lora" / "default.yaml")
+    option = OmegaConf.load(conf_dir / "lora" / f"{name}.yaml")
+    return {key: option.get(key, default.get(key)) for key in METHOD_KEYS}
+
+
+def lora_config_of(node: DictConfig | dict[str, Any]) -> LoRAConfig:
+    """The LoRAConfig of a `lora` config node (its method name and LoRA+ ratio left out)."""
+    plain = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    assert isinstance(plain, dict)
+    return LoRAConfig(**{key: value for key, value in plain.items() if key not in EXTRA_KEYS})
+
+
+def loraplus_ratio_of(node: DictConfig | dict[str, Any]) -> float | None:
+    """`lora.loraplus_lr_ratio`: B's learning rate over A's (LoRA+), or None."""
+    value = node.get("loraplus_lr_ratio")
+    return None if value is None else float(value)
+
+
+def method_of(node: DictConfig | dict[str, Any]) -> str:
+    """`lora.method`: the option's name (`default` for configs written before methods)."""
+    return str(node.get("method") or "default")
