@@ -29,7 +29,11 @@ STUDIES: dict[str, list[str]] = {
     # MNIST cannot be downloaded here: the notebook setup, run on Fashion-MNIST.
     "mnist_seed": ["experiment=mnist_seed", "data=fashion_mnist"],
     "linear_shift": ["experiment=linear_shift"],
+    "fashion_mnist_methods": ["experiment=fashion_mnist_methods", "sweep.seeds=[0,1,2]"],
 }
+#: Studies without the §7 analysis: it reads plain LoRA factors, and a methods study's DoRA
+#: magnitudes and PiSSA's rank-2r conversion are not what it measures.
+NO_ANALYSIS = {"fashion_mnist_methods"}
 KEEP = ("results.csv", "analysis.csv", "*.png")
 
 
@@ -43,6 +47,8 @@ def commands(name: str, work: Path, extra: list[str]) -> list[list[str]]:
         f"output_dir={work}",
         "trainer.enable_progress_bar=false",
     ]
+    if name in NO_ANALYSIS:
+        return [sweep]
     return [sweep, ["lora-lab", "analyze", str(work)]]
 
 
