@@ -148,10 +148,16 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+# (layer, adapter size, layer size) already warned about: a sweep builds the same adapter for
+# every seed and method, and one warning says it.
+_WARNED: set[tuple[str, int, int]] = set()
+
+
 def _warn_if_oversized(name: str, layer: LoRALayer) -> None:
     adapter = sum(p.numel() for p in layer.adapter_parameters())
     base = sum(p.numel() for p in layer.base_layer.parameters())
-    if adapter > base:
+    if adapter > base and (name, adapter, base) not in _WARNED:
+        _WARNED.add((name, adapter, base))
         logger.warning(
             "LoRA adapter on %s has %d parameters, more than the %d of the layer it adapts "
             "(rank %d); a full finetune of this layer would be smaller",

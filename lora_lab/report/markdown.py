@@ -114,15 +114,16 @@ def _headline(df: pd.DataFrame) -> list[str]:
     if not lora.empty:
         # str() of each value, NaN included, so a row with a missing alpha still has a key.
         keys = lora["rank"].map(str) + "/" + lora["alpha"].map(str)
-        keys += "/" + lora["learning_rate"].map(str)
+        keys += "/" + lora["learning_rate"].map(str) + "/" + lora["method"].map(str)
         means = lora.groupby(keys)[metric].mean()
         rows = lora[keys == (means.idxmax() if metric == "test_acc" else means.idxmin())]
         params = rows["trainable_params"].median()
         share = (
             f" ({100 * params / full_params:.3g}% of full finetune's)" if full_params > 0 else ""
         )
+        shown = ("method",) if lora["method"].nunique() > 1 else ()
         config = " ".join(
-            format_value(k, rows[k].iloc[0]) for k in ("rank", "alpha", "learning_rate")
+            format_value(k, rows[k].iloc[0]) for k in (*shown, "rank", "alpha", "learning_rate")
         )
         lines.append(
             f"- Best LoRA ({config}): {name} {stat(rows[metric])}, "

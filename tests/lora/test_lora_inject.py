@@ -201,10 +201,16 @@ def test_training_changes_only_the_trainable_set(kind: str, config: LoRAConfig) 
             assert param.grad is None
 
 
-def test_oversized_adapter_logs_a_warning(caplog: pytest.LogCaptureFixture) -> None:
-    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 10))
+def test_oversized_adapter_logs_a_warning_once(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lora_lab.lora import inject
+
+    monkeypatch.setattr(inject, "_WARNED", set())
     with caplog.at_level(logging.WARNING, logger="lora_lab.lora"):
-        inject_lora(model, LoRAConfig(rank=16, alpha=16))
+        for _ in range(3):  # a sweep builds the same adapter for every seed and method
+            model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 10))
+            inject_lora(model, LoRAConfig(rank=16, alpha=16))
     messages = [r.getMessage() for r in caplog.records if r.name == "lora_lab.lora"]
     assert len(messages) == 1 and "LoRA adapter on 1 has 1184 parameters" in messages[0]
 

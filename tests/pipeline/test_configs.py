@@ -15,6 +15,7 @@ from lora_lab.data.fakes import write_fake_cifar10, write_fake_mnist
 from lora_lab.lora import LoRAConfig
 from lora_lab.models import lora_variant, save_network_weights
 from lora_lab.pipeline import plan, stage_config
+from lora_lab.pipeline.methods import lora_config_of
 from lora_lab.pipeline.stages import build_module
 
 
@@ -83,8 +84,9 @@ def test_module_configs_instantiate_with_lora_variant(module: str, tmp_path: Pat
 @pytest.mark.parametrize("lora", choices("lora"))
 def test_lora_configs_build_a_loraconfig(lora: str):
     cfg = composed(f"lora={lora}")
-    config = LoRAConfig(**OmegaConf.to_container(cfg.lora, resolve=True))
-    assert config.rank >= 1
+    config = lora_config_of(cfg.lora)
+    assert isinstance(config, LoRAConfig) and config.rank >= 1
+    assert cfg.lora.method == lora  # the `method` column names the option
 
 
 @pytest.mark.parametrize("trainer", choices("trainer"))
@@ -123,8 +125,9 @@ def test_experiments_plan_valid_studies(experiment: str, fake_downloads: Path):
     cfg = composed(f"experiment={experiment}")
     runs = plan(cfg)
     assert [r.stage for r in runs[:2]] == ["pretrain", "full_finetune"]
-    assert [r.rank for r in runs if r.stage == "lora"] == list(cfg.sweep.ranks) * len(
-        cfg.sweep.seeds
+    methods = len(cfg.sweep.methods or [None])
+    assert [r.rank for r in runs if r.stage == "lora"] == list(cfg.sweep.ranks) * (
+        len(cfg.sweep.seeds) * methods
     )
     assert cfg.name == experiment
 
