@@ -27,8 +27,10 @@ class VisionDataModule(BatchedDataModule):
     """An image classification dataset served as normalised float batches.
 
     Train and validation are a seeded split of the official training set; test is the official
-    test set. With ``classes`` only those classes are kept in all three, with their original
-    labels, so a 10-way head trained on classes 0-4 can be finetuned on 5-9.
+    test set. With ``classes`` only those classes are kept, with their original labels, so a
+    10-way head trained on classes 0-4 can be finetuned on 5-9. The test split keeps the same
+    classes unless ``test_classes`` names others: finetune on three classes, test on all ten
+    (``test_classes="all"``) to see what happens to the rest.
 
     Args:
         root: Folder holding the files (directly or in torchvision's layout); searched first.
@@ -37,7 +39,9 @@ class VisionDataModule(BatchedDataModule):
         batch_size: Training batch size.
         eval_batch_size: Validation/test batch size; defaults to ``batch_size``.
         val_size: Images moved from the official train set to validation.
-        classes: Names or indices of the classes to keep; ``None`` keeps all.
+        classes: Names or indices of the classes to keep in train and validation; ``None``
+            or ``"all"`` keeps all.
+        test_classes: The same for the test split; ``None`` keeps the classes of ``classes``.
         seed: Seed of the train/val split and of the per-epoch shuffle.
         num_workers: DataLoader worker processes.
         name: Plain config key; checked against the dataset, otherwise unused.
@@ -49,7 +53,10 @@ class VisionDataModule(BatchedDataModule):
         input_shape: ``[C, H, W]``.
         num_classes: Always the full class count (10): heads keep their size under subsets.
         class_names: All class names, indexed by label.
-        class_indices: The kept labels, ascending.
+        train_class_indices: The labels kept in train and validation, ascending.
+        test_class_indices: The labels kept in the test split, ascending.
+        class_indices: The labels that test results (``per_class_acc``) report: the test
+            split's, equal to ``train_class_indices`` unless ``test_classes`` is given.
     """
 
     spec: ClassVar[DatasetSpec]
@@ -66,6 +73,7 @@ class VisionDataModule(BatchedDataModule):
         classes: ClassSelection = None,
         seed: int = 0,
         num_workers: int = 0,
+        test_classes: ClassSelection = None,
         name: str | None = None,
         input_shape: Sequence[int] | None = None,
         num_classes: int | None = None,
@@ -81,7 +89,12 @@ class VisionDataModule(BatchedDataModule):
         self.input_shape = list(self.spec.input_shape)
         self.num_classes = len(self.spec.class_names)
         self.class_names = list(self.spec.class_names)
-        self.class_indices = list(resolve_classes(self.name, self.class_names, classes))
+        self.train_class_indices = self._select(classes)
+        self.test_class_indices = (
+            self.train_class_indices
+            if test_classes is None
+            else self._select(test_classes, "test_")
+        )
         self._check_plain_keys(
             name, input_shape=input_shape, num_classes=num_classes, class_names=class_names
         )
@@ -95,7 +108,8 @@ class VisionDataModule(BatchedDataModule):
                 "batch_size": batch_size,
                 "eval_batch_size": eval_batch_size,
                 "val_size": val_size,
-                "classes": None if classes is None else self.class_indices,
+                "classes": None if classes is None else self.train_class_indices,
+                "test_classes": None if test_classes is None else self.test_class_indices,
                 "seed": self.seed,
                 "num_workers": num_workers,
                 "augment": self.augment,
@@ -103,10 +117,28 @@ class VisionDataModule(BatchedDataModule):
         )
         self.decoded: DecodedDataset | None = None
 
+    def _select(self, selection: ClassSelection, prefix: str = "") -> list[int]:
+        """Labels of a class selection; ``"all"`` selects every class, as ``None`` does.
+
+        Raises:
+            DataError: on an unknown, out-of-range, repeated or empty selection.
+        """
+        if isinstance(selection, str) and selection.strip().lower() == "all":
+            selection = None
+        try:
+            return list(resolve_classes(self.name, self.class_names, selection))
+        except DataError as error:
+            raise DataError(f"{error} (in {prefix}classes)" if prefix else str(error)) from None
+
+    @property
+    def class_indices(self) -> list[int]:
+        """The labels test results report: the test split's (see ``test_classes``)."""
+        return self.test_class_indices
+
     @property
     def selected_class_names(self) -> list[str]:
-        """Names of the kept classes, in label order."""
-        return [self.class_names[index] for index in self.class_indices]
+        """Names of the classes trained on (train and validation), in label order."""
+        return [self.class_names[index] for index in self.train_class_indices]
 
     @property
     def source(self) -> str | None:
@@ -161,14 +193,16 @@ class VisionDataModule(BatchedDataModule):
         """Download if allowed and needed, decode, and write the disk cache (once per node)."""
         load_dataset(self.spec, self.root, self.download, self.cache_dir)
 
-    def _keep(self, labels: Tensor) -> Tensor:
-        """Boolean mask ``[N]`` of the labels in the selected classes."""
-        return torch.isin(labels, torch.tensor(self.class_indices, dtype=labels.dtype))
+    @staticmethod
+    def _keep(labels: Tensor, classes: Sequence[int]) -> Tensor:
+        """Boolean mask ``[N]`` of the ``labels [N]`` that are in ``classes``."""
+        return torch.isin(labels, torch.tensor(classes, dtype=labels.dtype))
 
     def _subset(
-        self, images: Tensor, labels: Tensor, index: Tensor, augment: bool
+        self, images: Tensor, labels: Tensor, index: Tensor, classes: Sequence[int], augment: bool
     ) -> BatchTensorDataset:
-        index = index[self._keep(labels.index_select(0, index))]
+        """The images ``[N, ...]`` at ``index`` whose labels are in ``classes``, as a dataset."""
+        index = index[self._keep(labels.index_select(0, index), classes)]
         transform = NormalizeImages(
             self.spec.mean, self.spec.std, augment=RandomCropFlip(padding=4) if augment else None
         )
@@ -196,12 +230,17 @@ class VisionDataModule(BatchedDataModule):
         # Sorted so a split is a set: the same seed gives byte-identical tensors.
         val_index = order[: self.val_size].sort().values
         train_index = order[self.val_size :].sort().values
+        trained = self.train_class_indices
         self.train_dataset = self._subset(
-            decoded.train_x, decoded.train_y, train_index, self.augment
+            decoded.train_x, decoded.train_y, train_index, trained, self.augment
         )
-        self.val_dataset = self._subset(decoded.train_x, decoded.train_y, val_index, False)
+        self.val_dataset = self._subset(decoded.train_x, decoded.train_y, val_index, trained, False)
         self.test_dataset = self._subset(
-            decoded.test_x, decoded.test_y, torch.arange(len(decoded.test_y)), False
+            decoded.test_x,
+            decoded.test_y,
+            torch.arange(len(decoded.test_y)),
+            self.test_class_indices,
+            False,
         )
         if len(self.train_dataset) == 0:
             raise DataError(
@@ -246,6 +285,7 @@ class CIFAR10DataModule(VisionDataModule):
         seed: int = 0,
         num_workers: int = 0,
         augment: bool = False,
+        test_classes: ClassSelection = None,
         name: str | None = None,
         input_shape: Sequence[int] | None = None,
         num_classes: int | None = None,
@@ -262,6 +302,7 @@ class CIFAR10DataModule(VisionDataModule):
             classes,
             seed,
             num_workers,
+            test_classes,
             name,
             input_shape,
             num_classes,
