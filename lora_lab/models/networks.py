@@ -52,10 +52,11 @@ class MLP(nn.Module):
 
 
 class ConvNet(nn.Module):
-    """LeNet-style CIFAR ConvNet: conv 3→6 5×5, pool, conv 6→16 5×5, pool, FC 400→120→84→10.
+    """LeNet-style ConvNet: conv C→6 5×5, pool, conv 6→16 5×5, pool, FC →120→84→classes.
 
-    Layers are named `conv1`, `conv2`, `fc1`, `fc2` and `head`. The flattened width (400 for
-    32×32 inputs) is computed from `input_shape`, so the network also runs on 28×28 images.
+    Layers are named `conv1`, `conv2`, `fc1`, `fc2` and `head`. The input channels C and the
+    flattened width are derived from `input_shape`, so one network serves 3×32×32 CIFAR-10
+    (FC 400→120) and 1×28×28 Fashion-MNIST (FC 256→120) with no special case.
 
     Args:
         input_shape: `[channels, height, width]` of one input image.
@@ -74,6 +75,10 @@ class ConvNet(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        if len(input_shape) != 3:
+            raise ValueError(
+                f"ConvNet input_shape={list(input_shape)} is not [channels, height, width]"
+            )
         in_channels, height, width = input_shape
         self.conv1 = nn.Conv2d(in_channels, channels[0], 5)
         self.conv2 = nn.Conv2d(channels[0], channels[1], 5)
