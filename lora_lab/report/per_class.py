@@ -1,4 +1,9 @@
-"""Per-class accuracy before finetuning and after (full finetune, best LoRA), as grouped bars."""
+"""Per-class accuracy before finetuning and after (full finetune, LoRA), as grouped bars.
+
+The top panel is each class's test accuracy; the bottom one its change from before
+finetuning, so that a study which finetunes on some classes and tests on all of them shows at a
+glance which classes went up and what the others lost.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 import seaborn as sns
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from lora_lab.report._io import save_figure
@@ -23,6 +29,7 @@ from lora_lab.report._style import (
     PRETRAIN_COLOR,
     figure_legend,
     new_figure,
+    sequential_colors,
     theme,
 )
 from lora_lab.report.results import (
@@ -33,12 +40,35 @@ from lora_lab.report.results import (
     varying_lora_dims,
 )
 
+BEFORE = "before finetuning"
+FULL = "full finetune"
+#: Up to this many LoRA configurations are drawn each; beyond it, only the best.
+MAX_LORA_MODELS = 4
+
+
+def _lora_models(lora: pd.DataFrame, df: pd.DataFrame) -> dict[str, pd.Series]:
+    """Label → row mask of the LoRA configurations to draw: each, or the best when many.
+
+    Args:
+        lora: Finished LoRA rows with a test accuracy and per-class numbers.
+        df: The whole normalized table (for the varying hyper-parameters).
+    """
+    if lora.empty:
+        return {}
+    labels = lora.apply(lambda row: config_label(row, varying_lora_dims(df)), axis=1)
+    order = lora.assign(label=labels).sort_values(["rank", "label"])["label"].unique()
+    if len(order) <= MAX_LORA_MODELS:
+        return {label: labels == label for label in order}
+    best = lora["test_acc"].groupby(labels).mean().idxmax()
+    return {f"best {best}": labels == best}
+
 
 def per_class_table(df: pd.DataFrame) -> pd.DataFrame:
     """Long table ``model, run_id, class, accuracy`` for the per-class comparison.
 
-    Models: the pretrained model ("before finetuning"), full finetuning, and the LoRA
-    configuration with the best mean test accuracy among those reporting per-class numbers.
+    Models: the pretrained model ("before finetuning"), full finetuning, and LoRA: each
+    configuration when there are at most ``MAX_LORA_MODELS``, else the one with the best mean
+    test accuracy ("best LoRA r=…"), among the runs reporting per-class numbers.
     """
     df = normalize_results(df)
     runs = ok_runs(df)
@@ -57,54 +87,86 @@ def per_class_table(df: pd.DataFrame) -> pd.DataFrame:
                 for name, accuracy in parsed[index].items()
             )
 
-    add(runs[runs["stage"] == "pretrain"], "before finetuning")
-    add(runs[runs["stage"] == "full_finetune"], "full finetune")
+    add(runs[runs["stage"] == "pretrain"], BEFORE)
+    add(runs[runs["stage"] == "full_finetune"], FULL)
     lora = runs[(runs["stage"] == "lora") & runs["test_acc"].notna()]
-    if not lora.empty:
-        dims = varying_lora_dims(df)
-        labels = lora.apply(lambda row: config_label(row, dims), axis=1)
-        best = lora["test_acc"].groupby(labels).mean().idxmax()
-        add(lora[labels == best], f"best {best}")
+    for label, mask in _lora_models(lora, df).items():
+        add(lora[mask], label)
     return pd.DataFrame(records, columns=["model", "run_id", "class", "accuracy"])
 
 
+def change_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Each finetuned run's per-class accuracy minus the mean before finetuning.
+
+    Args:
+        table: A :func:`per_class_table`.
+
+    Returns:
+        The rows of the models after finetuning with a ``change`` column, for the classes that
+        the pretrained model was also tested on; empty without a "before finetuning" model.
+    """
+    before = table[table["model"] == BEFORE].groupby("class")["accuracy"].mean()
+    after = table[(table["model"] != BEFORE) & table["class"].isin(before.index)]
+    return after.assign(change=after["accuracy"] - after["class"].map(before))
+
+
+def _palette(models: list[str]) -> dict[str, object]:
+    """Grey before, red full finetune; LoRA blue, or low-to-high rank colours when several."""
+    lora = [model for model in models if model not in (BEFORE, FULL)]
+    shades = sequential_colors(lora) if len(lora) > 1 else [LORA_COLOR] * len(lora)
+    colors = dict(zip(lora, shades, strict=True))
+    return {BEFORE: PRETRAIN_COLOR, FULL: FULL_FINETUNE_COLOR, **colors}
+
+
+def _bars(ax: Axes, data: pd.DataFrame, y: str, classes: list[str], models: list[str]) -> None:
+    sns.barplot(
+        data, x="class", y=y, hue="model", order=classes, hue_order=models,
+        palette=_palette(models), errorbar="sd", err_kws={"linewidth": 1.0}, capsize=0.15, ax=ax,
+    )  # fmt: skip
+
+
 def draw_per_class(df: pd.DataFrame) -> Figure | None:
-    """Grouped bars of per-class accuracy; see :func:`plot_per_class`."""
+    """Grouped bars of per-class accuracy and its change; see :func:`plot_per_class`."""
     table = per_class_table(df)
     if table.empty:
         return None
     classes = list(dict.fromkeys(table["class"]))
     models = list(dict.fromkeys(table["model"]))
-    colors = {"before finetuning": PRETRAIN_COLOR, "full finetune": FULL_FINETUNE_COLOR}
-    palette = {model: colors.get(model, LORA_COLOR) for model in models}
+    change = change_table(table)
     with theme():
-        fig, axes = new_figure(min(22.0, max(7.0, 0.75 * len(classes) + 2.5)), 4.4)
+        width = min(22.0, max(7.0, (0.5 + 0.15 * len(models)) * len(classes) + 2.5))
+        fig, axes = new_figure(width, 7.6 if len(change) else 4.4, 2 if len(change) else 1, 1)
         ax = axes[0][0]
-        sns.barplot(
-            table, x="class", y="accuracy", hue="model", order=classes, hue_order=models,
-            palette=palette, errorbar="sd", err_kws={"linewidth": 1.0}, capsize=0.15, ax=ax,
-        )  # fmt: skip
+        _bars(ax, table, "accuracy", classes, models)
         ax.set_ylim(0, 1.05)
-        ax.set_xlabel("class")
-        ax.set_ylabel("test accuracy on the class (finetune task)")
+        ax.set_ylabel("test accuracy on the class")
+        if len(change):
+            below = axes[1][0]
+            _bars(below, change, "change", classes, [m for m in models if m != BEFORE])
+            below.axhline(0, color="0.2", lw=1.0)
+            below.set_ylabel("change from before finetuning")
+            ax.set_xlabel("")
+            ax.tick_params(axis="x", labelbottom=False)
+        bottom = axes[-1][0]
+        bottom.set_xlabel("class")
         if len(classes) > 8 or max(len(c) for c in classes) > 8:
-            ax.tick_params(axis="x", labelrotation=35)
-            for tick in ax.get_xticklabels():
+            bottom.tick_params(axis="x", labelrotation=35)
+            for tick in bottom.get_xticklabels():
                 tick.set_horizontalalignment("right")
-        spread = (
-            " (mean ± sd over seeds)"
-            if table.groupby("model")["run_id"].nunique().max() > 1
-            else ""
-        )
+        several = table.groupby("model")["run_id"].nunique().max() > 1
+        spread = " (mean ± sd over seeds)" if several else ""
         fig.suptitle(f"Per-class test accuracy, before and after finetuning{spread}")
-        figure_legend(fig, [ax])
+        figure_legend(fig, [row[0] for row in axes])
     return fig
 
 
 def plot_per_class(df: pd.DataFrame, path: str | Path) -> Path | None:
-    """Per-class accuracy before finetuning, after full finetuning and after the best LoRA.
+    """Per-class accuracy before finetuning, after full finetuning and after LoRA.
 
-    Bars are means over seeds (±1 sd when there are several).
+    Top: each class's test accuracy. Bottom (when the pretrained model has per-class
+    numbers): the change from before finetuning. LoRA is each configuration when there are
+    at most ``MAX_LORA_MODELS`` (coloured low to high rank), else the best. Bars are means over
+    seeds (±1 sd when there are several).
 
     Args:
         df: The results table (failed rows are ignored).
