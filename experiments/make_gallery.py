@@ -30,6 +30,10 @@ STUDIES: dict[str, list[str]] = {
     "mnist_seed": ["experiment=mnist_seed", "data=fashion_mnist"],
     "linear_shift": ["experiment=linear_shift"],
     "fashion_mnist_methods": ["experiment=fashion_mnist_methods", "sweep.seeds=[0,1,2]"],
+    "fashion_mnist_convnet_classes": [
+        "experiment=fashion_mnist_convnet_classes",
+        "sweep.seeds=[0,1,2]",
+    ],
 }
 #: Studies without the §7 analysis: it reads plain LoRA factors, and a methods study's DoRA
 #: magnitudes and PiSSA's rank-2r conversion are not what it measures.
