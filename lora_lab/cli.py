@@ -229,11 +229,11 @@ def _hydra_command(command: str, args: list[str], debug: bool) -> int:
             if command == "sweep":
                 summary = run_sweep(cfg, study_dir, command=command_line)
                 say(f"study written to {study_dir} (results.csv, accuracy_vs_rank.png, report.md)")
-                if summary["failed"]:
-                    failed = summary["failed"]
+                failed = summary["failed"]
+                if failed:
                     say(f"{len(failed)} run(s) failed: {', '.join(failed)}", logging.ERROR)
-                    return 1
-                return 0
+                _say_recommendation(study_dir, float(cfg.report.tolerance))
+                return 1 if failed else 0
             result, _ = train(cfg, study_dir)
             say(
                 f"{result['run_id']}: test_acc={result['test_acc']} "
@@ -266,6 +266,17 @@ def _hydra_command(command: str, args: list[str], debug: bool) -> int:
     except SystemExit as stop:  # Hydra exits 1 after printing a failed job's JobFailed
         return max(exit_code, stop.code if isinstance(stop.code, int) else 1)
     return exit_code
+
+
+def _say_recommendation(study_dir: Path, tolerance: float) -> None:
+    """The study's answer, as its last line(s): the recommended rank of each method."""
+    from lora_lab.pipeline.console import say
+    from lora_lab.report import read_results
+    from lora_lab.report.selection import recommend
+
+    frame = read_results(study_dir / "results.csv")
+    for recommendation in recommend(frame, tolerance):
+        say(recommendation.sentence(tolerance))
 
 
 def _study_dir(args: list[str], command: str) -> Path:

@@ -16,18 +16,20 @@ RESULT_COLUMNS: tuple[str, ...] = (
     "total_params",
     "test_acc",
     "test_loss",
+    "val_acc",
     "per_class_acc",
     "source_test_acc",
     "train_seconds",
     "epochs",
     "run_dir",
     "pass",
+    "selected",
     "status",
     "error",
 )
 #: Columns added after the first studies were written: a table without them still reads,
 #: with the column empty.
-OPTIONAL_COLUMNS: tuple[str, ...] = ("pass", "method")
+OPTIONAL_COLUMNS: tuple[str, ...] = ("pass", "method", "val_acc", "selected")
 #: Numeric columns (empty cells read as NaN); the others are text.
 NUMERIC_COLUMNS: tuple[str, ...] = (
     "rank",
@@ -38,6 +40,7 @@ NUMERIC_COLUMNS: tuple[str, ...] = (
     "total_params",
     "test_acc",
     "test_loss",
+    "val_acc",
     "source_test_acc",
     "train_seconds",
     "epochs",

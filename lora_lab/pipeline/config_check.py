@@ -64,6 +64,7 @@ class StageSchema:
     max_epochs: int | None = field(default=None, metadata=_bound(AT_LEAST_1))
     classes: list[int | str] | None = None
     lr: float | None = field(default=None, metadata=_bound(POSITIVE))
+    learning_rates: list[float] | None = field(default=None, metadata=_bound(POSITIVE))
     data: dict[str, Any] = field(default_factory=dict)
     module: dict[str, Any] = field(default_factory=dict)
     trainer: dict[str, Any] = field(default_factory=dict)
@@ -78,6 +79,13 @@ class StudySchema:
     stage: Literal["pretrain", "full_finetune", "lora"] = "lora"
     pretrain_ckpt: str | int | None = None
     threads: int | None = field(default=None, metadata=_bound(AT_LEAST_1))
+
+
+@dataclass
+class ReportSchema:
+    tolerance: float = field(
+        default=0.01, metadata=_bound(("a number in [0, 1)", lambda v: 0 <= v < 1))
+    )
 
 
 @dataclass
@@ -315,6 +323,7 @@ def check_config(cfg: DictConfig, stages: Sequence[str] = STAGES) -> None:
     assert isinstance(plain, dict)
     _check_dataclass(StudySchema, plain, "")
     _check_dataclass(SweepSchema, plain["sweep"], "sweep.")
+    _check_dataclass(ReportSchema, plain.get("report") or {}, "report.")
     for stage in STAGES:
         _check_dataclass(StageSchema, plain["stages"][stage], f"stages.{stage}.")
     _check_dataclass(LoRAConfig, plain["lora"], "lora.")

@@ -370,4 +370,5 @@ def _finish(
         identity=member.run.identity or None,
         pretrained=pretrained,
         pass_id=pass_id,
+        val_acc=module.val_metrics.get(k, {}).get("val_acc"),
     )

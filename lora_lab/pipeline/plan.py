@@ -120,7 +120,16 @@ def plan(cfg: DictConfig, build_trainer: bool = True) -> list[PlannedRun]:
     alphas = _grid(cfg, "alphas", "[1,8,32]")
     learning_rates = _grid(cfg, "learning_rates", "[1e-4,1e-3]")
     methods = _methods(cfg)
-    runs = [PlannedRun("pretrain", int(cfg.seed)), PlannedRun("full_finetune", int(cfg.seed))]
+    # (checked by the schema: a list of numbers > 0, or null)
+    full_lrs = [float(v) for v in cfg.stages.full_finetune.get("learning_rates") or []] or [None]
+    # The baseline runs for every seed too when seeds are swept: the recommended rank compares
+    # LoRA's seeds with the full finetune's (one seed alone: the study's `seed`, as before).
+    full_seeds = seeds if len(seeds) > 1 else [int(cfg.seed)]
+    runs = [PlannedRun("pretrain", int(cfg.seed))]
+    runs += [
+        PlannedRun("full_finetune", int(seed), learning_rate=learning_rate)
+        for seed, learning_rate in itertools.product(full_seeds, full_lrs)
+    ]
     runs += [
         PlannedRun("lora", int(seed), rank, alpha, learning_rate, method)
         for seed, method, rank, alpha, learning_rate in itertools.product(
@@ -128,6 +137,10 @@ def plan(cfg: DictConfig, build_trainer: bool = True) -> list[PlannedRun]:
         )
     ]
     for run in runs:
+        if run.stage == "full_finetune":
+            _name(cfg, run, runs[0], several=(False, len(full_lrs) > 1, False))
+            run.run_id += f"_s{run.seed}" if len(full_seeds) > 1 else ""
+            continue
         _name(
             cfg, run, runs[0], several=(len(alphas) > 1, len(learning_rates) > 1, len(methods) > 1)
         )

@@ -17,7 +17,12 @@ from typing import Any
 import pandas as pd
 
 from lora_lab._atomic import atomic_write_text
+from lora_lab.report.results import normalize_results
+from lora_lab.report.selection import selected_mask
 from lora_lab.schema import INTEGER_COLUMNS, RESULT_COLUMNS
+
+#: Columns that hold float32 metrics (rounded in results.csv).
+METRIC_COLUMNS = ("test_acc", "test_loss", "val_acc", "source_test_acc")
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +112,12 @@ def results_frame(results: list[Mapping[str, Any]]) -> pd.DataFrame:
     # Integers stay integers next to empty cells (pretrain rows have no rank).
     for column in INTEGER_COLUMNS:
         frame[column] = pd.to_numeric(frame[column]).astype("Int64")
+    # Metrics are float32 values: 0.868, not 0.8679999709129333 (6 significant digits).
+    for column in (*METRIC_COLUMNS, *(c for c in extra if c not in RECORD_ONLY)):
+        if column in frame and pd.api.types.is_float_dtype(frame[column]):
+            frame[column] = frame[column].map(lambda v: float(f"{v:.6g}") if pd.notna(v) else v)
+    if len(frame):
+        frame["selected"] = selected_mask(normalize_results(frame)).to_numpy()
     order = {"pretrain": 0, "full_finetune": 1, "lora": 2}
     if len(frame):
         frame = frame.sort_values(

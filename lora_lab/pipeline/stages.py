@@ -72,9 +72,9 @@ def run_id_for(
     `learning_rate` and `method` are given only when a sweep varies them
     (`lora_dora_r8_a8_lr0.001_s0`), so the names of other studies stay as they were.
     """
-    if stage != "lora":
-        return stage
     lr = f"_lr{learning_rate:g}" if learning_rate is not None else ""
+    if stage != "lora":
+        return stage + lr if stage == "full_finetune" else stage
     kind = f"_{method}" if method is not None else ""
     return f"lora{kind}_r{rank}_a{alpha:g}{lr}_s{seed}"
 
@@ -342,6 +342,7 @@ def result_row(
     identity: str | None,
     pretrained: Path | None,
     pass_id: str = "",
+    val_acc: float | None = None,
 ) -> dict[str, Any]:
     """The result row of a finished run (`lora_lab.schema` names its columns).
 
@@ -356,6 +357,8 @@ def result_row(
         identity: The run's identity.
         pretrained: The weights the run started from.
         pass_id: The training pass that trained it; "" for a run trained on its own.
+        val_acc: The validation accuracy after the last epoch (what learning rates are chosen
+            by; None for regression).
     """
     stage, run_id = run_cfg.stage, run_cfg.run_id
     counts = count_parameters(module.network)
@@ -370,6 +373,7 @@ def result_row(
         "trainable_params": counts["trainable"],
         "total_params": counts["total"],
         **tested,
+        "val_acc": None if val_acc is None else float(val_acc),
         "source_test_acc": source_test_acc,
         "train_seconds": round(train_seconds, 3),
         "epochs": epochs,
@@ -462,6 +466,7 @@ def run_stage(
         prepend_log(run_dir, earlier_log)
 
     epochs = int(trainer.callback_metrics.get(FinishedEpochs.KEY, trainer.current_epoch))
+    val_acc = trainer.callback_metrics.get("val_acc")  # the last epoch's; read before testing
     tester = trainer if trainer.world_size == 1 else single_device_trainer(run_cfg, run_dir)
     tested = _test(tester, module, datamodule)
     source_test_acc = None
@@ -478,7 +483,7 @@ def run_stage(
             module.network, study_dir / "adapters" / (adapter_name or adapter_name_for(rank, seed))
         )
     else:
-        save_network_weights(module.network, study_dir / "checkpoints" / f"{stage}.safetensors")
+        save_network_weights(module.network, study_dir / "checkpoints" / f"{run_id}.safetensors")
     result = result_row(
         run_cfg,
         module,
@@ -489,5 +494,6 @@ def run_stage(
         epochs=epochs,
         identity=identity,
         pretrained=pretrained,
+        val_acc=None if val_acc is None else float(val_acc),
     )
     return StageRun(result=result, module=module, datamodule=datamodule, trainer=trainer)

@@ -105,7 +105,7 @@ def _artefact(study_dir: Path, run: PlannedRun) -> Path:
     """The file a finished run leaves for later stages and for `lora-lab analyze`."""
     if run.stage == "lora":
         return study_dir / "adapters" / run.adapter / "adapter_model.safetensors"
-    return study_dir / "checkpoints" / f"{run.stage}.safetensors"
+    return study_dir / "checkpoints" / f"{run.run_id}.safetensors"
 
 
 def prepare_study_dir(cfg: DictConfig, study_dir: Path) -> None:

@@ -12,6 +12,7 @@ import pandas as pd
 from lora_lab.report import plots
 from lora_lab.report._io import atomic_write_text
 from lora_lab.report.curves import metrics_path
+from lora_lab.report.lr_heatmap import HEATMAP_FILE, plot_lr_heatmap
 from lora_lab.report.results import (
     format_value,
     main_metric,
@@ -20,6 +21,14 @@ from lora_lab.report.results import (
     ok_runs,
     read_results,
     varying_lora_dims,
+)
+from lora_lab.report.selection import (
+    ALPHA_LEVEL,
+    DEFAULT_TOLERANCE,
+    chosen_learning_rates,
+    lr_tuned,
+    recommend,
+    tuned_rows,
 )
 from lora_lab.report.tables import (
     format_runs,
@@ -39,6 +48,8 @@ ANALYSIS_ROWS = 30
 PLOTS: list[tuple[str, str, Callable[[Path, pd.DataFrame, Path], Path | None]]] = [
     ("accuracy_vs_rank.png", "Accuracy vs LoRA rank",
      lambda study, df, path: plots.plot_accuracy_vs_rank(df, path)),
+    (HEATMAP_FILE, "Validation accuracy: learning rate × rank",
+     lambda study, df, path: plot_lr_heatmap(df, path)),
     ("accuracy_vs_params.png", "Accuracy vs trainable parameters",
      lambda study, df, path: plots.plot_accuracy_vs_params(df, path)),
     ("curves.png", "Training and validation curves", plots.plot_curves),
@@ -145,6 +156,7 @@ def _draw_plots(study: Path, df: pd.DataFrame) -> list[str]:
     """Draw every plot into the study folder and return the report's Plots section."""
     lines = ["## Plots", ""]
     skipped: list[str] = []
+    metric, _ = main_metric(df)
     for file_name, title, draw in PLOTS:
         target = study / file_name
         try:
@@ -159,6 +171,8 @@ def _draw_plots(study: Path, df: pd.DataFrame) -> list[str]:
             target.unlink(missing_ok=True)
             skipped.append(f"`{file_name}`")
             continue
+        if metric == "test_loss":  # a regression study: its plots show the loss
+            title = title.replace("Accuracy", "Test loss")
         lines += [f"### {title}", "", f"![{title}]({file_name})", ""]
         if file_name == "curves.png":
             missing = [
@@ -184,6 +198,28 @@ def _format_generic(frame: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+ANALYSIS_GLOSSARY = [
+    "How to read the columns (LoRA paper §7; ΔW is a weight update, W the pretrained weight):",
+    "",
+    "- **spectrum** rows, one per layer of the full-finetune update ΔW = W_full − W: "
+    "`fro_norm` ‖ΔW‖, `relative_update` ‖ΔW‖/‖W‖, `sigma1`, `sigma2` its largest singular "
+    "values, `sigma1_over_sigma2` how much one direction dominates, `effective_rank` "
+    "exp(entropy of the normalised singular values): 1 for a rank-1 update, the full rank for "
+    "a flat spectrum; `rank90`/`rank99` the singular values that hold 90%/99% of ‖ΔW‖².",
+    "- **lora_vs_full** rows, one per adapter and layer: `proj_top1` / `proj_top_r` the share "
+    "of the full update's energy in the adapter's top-1 / top-r directions (`k_top_r` = r); "
+    "1 means LoRA found the full update's subspace. `relative_error` ‖ΔW_lora − ΔW_full‖ / "
+    "‖ΔW_full‖, `norm_ratio` ‖ΔW_lora‖/‖ΔW_full‖. `amplification` (§7.3) "
+    "‖ΔW_lora‖ / ‖U_rᵀ W V_r‖: how strongly the adapter amplifies directions that W itself "
+    "barely uses (large: features W under-emphasises; ~1: directions W already has).",
+    "- **subspace** rows, one per pair of adapters and layer: φ(i, j) (§7.2) is the "
+    "normalised overlap, in [0, 1], of the top-i right singular directions of one adapter's A "
+    "with the top-j of the other's: `phi_top1` φ(1,1), `phi_full` φ(m,m) for the whole smaller "
+    "subspace (m = `grid_size`), `phi_mean` the grid's mean. 1: the same subspace; near 0: "
+    "unrelated directions.",
+]
+
+
 def _analysis_section(study: Path) -> list[str]:
     """Figures and table written by ``lora_lab.analysis``, when present."""
     images = sorted(study.glob("analysis_*.png"))
@@ -199,7 +235,7 @@ def _analysis_section(study: Path) -> list[str]:
             table = pd.read_csv(table_path)
         except (OSError, ValueError) as error:
             return [*lines, f"_`analysis.csv` could not be read: {error}_", ""]
-        lines += ["### analysis.csv", ""]
+        lines += ["### analysis.csv", "", *ANALYSIS_GLOSSARY, ""]
         if "kind" in table.columns:
             # One sub-table per kind, each with only the columns that kind fills in.
             for kind, group in table.groupby("kind", sort=False):
@@ -227,9 +263,73 @@ def _config_section(study: Path) -> list[str]:
     ]
 
 
+def study_tolerance(info: dict) -> float:
+    """`report.tolerance` of the study's config (study.json), else the default (1 point)."""
+    config = info.get("config") if isinstance(info.get("config"), dict) else {}
+    value = (config.get("report") or {}).get("tolerance")
+    return float(value) if isinstance(value, (int, float)) else DEFAULT_TOLERANCE
+
+
+def _recommended_section(df: pd.DataFrame, tolerance: float) -> list[str]:
+    """The answer first: the recommended rank per method, or why there is none."""
+    recommendations = recommend(df, tolerance)
+    if not recommendations:
+        return []
+    lines = ["## Recommended rank", ""]
+    lines += [f"- {r.sentence(tolerance)}." for r in recommendations]
+    lines += [
+        "",
+        f"The smallest rank whose tuned test accuracy is within {100 * tolerance:g} point(s) of "
+        "the tuned full finetune and, with ≥ 3 seeds on both sides, not significantly below it "
+        f"(one-sided Welch t-test, p ≥ {ALPHA_LEVEL}). `report.tolerance` sets the tolerance.",
+        "",
+    ]
+    return lines
+
+
+def _learning_rate_section(df: pd.DataFrame) -> list[str]:
+    """Which learning rate each configuration got (on validation), and grid-edge warnings."""
+    if not lr_tuned(df):
+        return []
+    chosen = chosen_learning_rates(df)
+    table = pd.DataFrame(
+        {
+            "stage": chosen["stage"],
+            "method": chosen["method"].replace("", "—"),
+            "rank": chosen["rank"].map(lambda v: "" if pd.isna(v) else f"{v:g}"),
+            "grid": chosen["grid"].map(lambda g: ", ".join(f"{v:g}" for v in g)),
+            "chosen lr": chosen["learning_rate"].map(lambda v: f"{v:g}"),
+            "val_acc": chosen["val_acc"].map(lambda v: "" if pd.isna(v) else f"{v:.4f}"),
+        }
+    )
+    edge = chosen[chosen["at_edge"]]
+    warnings = [
+        f"- **At the edge of the grid:** {row['stage']} {row['method']} r={row['rank']:g}: "
+        f"lr={row['learning_rate']:g} is the grid's "
+        f"{'smallest' if row['learning_rate'] == row['grid'][0] else 'largest'}; the best "
+        "learning rate may lie outside it."
+        if not pd.isna(row["rank"])
+        else f"- **At the edge of the grid:** the full finetune's lr={row['learning_rate']:g} is "
+        f"the grid's {'smallest' if row['learning_rate'] == row['grid'][0] else 'largest'}; the "
+        "best learning rate may lie outside it."
+        for _, row in edge.iterrows()
+    ]
+    return [
+        "## Learning rates",
+        "",
+        "Each configuration's learning rate is the one with the best mean *validation* accuracy "
+        "over seeds; the curves and tables report the *test* accuracy at that learning rate "
+        "(`selected` in results.csv).",
+        "",
+        markdown_table(table),
+        *warnings,
+        "",
+    ]
+
+
 def _methods_section(df: pd.DataFrame) -> list[str]:
     """Method × rank, with the winner at each rank and its margin (when methods vary)."""
-    compared = method_comparison(df)
+    compared = method_comparison(tuned_rows(normalize_results(df))[0])
     if compared is None:
         return []
     table, sentences = compared
@@ -300,10 +400,12 @@ def write_report(study_dir: str | Path) -> Path:
         lines += ["## Command", "", _fenced(text, "bash")]
     if isinstance(info.get("environment"), dict) and info["environment"]:
         lines += ["## Environment", "", markdown_table(_environment_rows(info["environment"]))]
-    headline = _headline(df)
+    lines += _recommended_section(df, study_tolerance(info))
+    headline = _headline(tuned_rows(df)[0])
     if headline:
         lines += ["## Headline", "", *headline, ""]
     lines += _methods_section(df)
+    lines += _learning_rate_section(df)
     lines += _results_section(df)
     if not failed.empty:
         errors = pd.DataFrame(

@@ -49,6 +49,7 @@ from lora_lab.report.results import (
     ok_runs,
     varying_lora_dims,
 )
+from lora_lab.report.selection import tuned_rows
 
 __all__ = [
     "draw_accuracy_vs_params",
@@ -64,7 +65,7 @@ __all__ = [
 ]
 
 
-def rank_plot_dimensions(df: pd.DataFrame) -> tuple[str | None, str | None]:
+def rank_plot_dimensions(df: pd.DataFrame, tuned: bool = False) -> tuple[str | None, str | None]:
     """How the rank plot shows the LoRA hyper-parameters that vary besides rank and seed.
 
     Returns:
@@ -73,7 +74,7 @@ def rank_plot_dimensions(df: pd.DataFrame) -> tuple[str | None, str | None]:
         ``learning_rate`` as hue, the second (if any) as one panel per value: methods are
         told apart by colour, and alpha interacts with rank through the α/r scaling.
     """
-    dims = varying_lora_dims(normalize_results(df))
+    dims = varying_lora_dims(normalize_results(df), tuned)
     return (dims[0] if dims else None), (dims[1] if len(dims) > 1 else None)
 
 
@@ -105,13 +106,13 @@ def _annotate_params(ax: Axes, lora: pd.DataFrame, metric: str, hue: str | None)
 
 def draw_accuracy_vs_rank(df: pd.DataFrame) -> Figure | None:
     """LoRA test accuracy (or test loss for regression) against rank; see ``plot_accuracy_vs_rank``."""
-    df = normalize_results(df)
+    df, tuned = tuned_rows(normalize_results(df))
     metric, label = main_metric(df)
     lora = ok_runs(df, "lora").dropna(subset=["rank", metric])
     lora = lora[lora["rank"] > 0]  # a log2 axis cannot show rank 0
     if lora.empty:
         return None
-    hue, facet = rank_plot_dimensions(lora)
+    hue, facet = rank_plot_dimensions(lora, tuned)
     lora = lora.assign(
         _hue=lora[hue].map(lambda v: "LoRA " + format_value(hue, v)) if hue else "LoRA"
     )
@@ -153,6 +154,8 @@ def draw_accuracy_vs_rank(df: pd.DataFrame) -> Figure | None:
         what = "test accuracy" if metric == "test_acc" else "test loss"
         seeds = f" (mean ± sd over {n_seeds} seeds)" if n_seeds > 1 else ""
         fixed = ", ".join(fixed_lora_settings(df))
+        if tuned:  # the learning rate differs per point: chosen on validation data
+            fixed = ", ".join(s for s in [fixed, "lr tuned per point on validation"] if s)
         fig.suptitle(f"LoRA {what} vs rank{seeds}" + (f"\n{fixed}" if fixed else ""))
         figure_legend(fig, list(axes[0]))
     return fig

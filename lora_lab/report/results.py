@@ -148,7 +148,7 @@ def _varies_within_a_rank(lora: pd.DataFrame, column: str) -> bool:
     return bool(len(lora)) and lora.groupby("rank")[column].nunique().max() > 1
 
 
-def varying_lora_dims(df: pd.DataFrame) -> list[str]:
+def varying_lora_dims(df: pd.DataFrame, tuned: bool = False) -> list[str]:
     """LoRA hyper-parameters besides rank and seed that the finished runs vary.
 
     A value tied to the rank (``α = r`` for every run) does not count: it is one setting.
@@ -157,6 +157,8 @@ def varying_lora_dims(df: pd.DataFrame) -> list[str]:
 
     Args:
         df: A normalized results table.
+        tuned: The rows are the learning rates chosen per configuration: the learning rate is
+            then a result, not a dimension.
 
     Returns:
         A sub-list of ``["method", "alpha" | "alpha_per_rank", "learning_rate"]``.
@@ -168,7 +170,7 @@ def varying_lora_dims(df: pd.DataFrame) -> list[str]:
     if _varies_within_a_rank(lora, "alpha"):
         by_ratio = lora["alpha_per_rank"].nunique() < lora["alpha"].nunique()
         dims.append("alpha_per_rank" if by_ratio else "alpha")
-    if _varies_within_a_rank(lora, "learning_rate"):
+    if not tuned and _varies_within_a_rank(lora, "learning_rate"):
         dims.append("learning_rate")
     return dims
 

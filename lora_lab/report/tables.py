@@ -46,6 +46,8 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     """
     df = normalize_results(df)
     metrics = _metric_columns(df)
+    full_params = df.loc[df["stage"] == "full_finetune", "trainable_params"].median()
+    full_params = 0.0 if pd.isna(full_params) else float(full_params)
     rows: list[dict[str, object]] = []
     for key, group in df.groupby(GROUP_KEYS, dropna=False, sort=False):
         done = group[ok_mask(group)]
@@ -57,8 +59,10 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
             row[f"{metric}_std"] = done[metric].std()
         row["trainable_params"] = group["trainable_params"].median()
         row["total_params"] = group["total_params"].median()
-        total = row["total_params"]
-        row["pct_trainable"] = 100.0 * row["trainable_params"] / total if total > 0 else math.nan
+        # One definition everywhere (this table, the headline, the recommended rank): the
+        # share of the full finetune's trainable parameters, i.e. of the network itself.
+        base = full_params if full_params > 0 else row["total_params"]
+        row["pct_trainable"] = 100.0 * row["trainable_params"] / base if base > 0 else math.nan
         row["train_seconds_mean"] = done["train_seconds"].mean()
         rows.append(row)
     columns = [*GROUP_KEYS, "n_seeds", "failed"]
@@ -124,7 +128,7 @@ def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
         ]
     shown["trainable params"] = summary["trainable_params"].map(_count)
     shown["total params"] = summary["total_params"].map(_count)
-    shown["% trainable"] = summary["pct_trainable"].map(
+    shown["% of full FT params"] = summary["pct_trainable"].map(
         lambda v: "" if _is_missing(v) else f"{v:.3g}%"
     )
     shown["train s (mean)"] = summary["train_seconds_mean"].map(_fmt(".1f"))

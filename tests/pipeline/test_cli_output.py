@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 
 from lora_lab.cli import CONF_DIR, main
 from lora_lab.pipeline.overrides import shadowed_overrides
-from tests.pipeline.conftest import tiny_study_overrides
+from tests.pipeline.conftest import BASE_EXPERIMENT, tiny_study_overrides
 
 
 @pytest.mark.parametrize("flags", [["--cfg", "job"], ["--cfg=job"], ["-c", "job"]])
@@ -37,7 +37,7 @@ def test_help_states_the_precedence_rule(capsys):
 
 def _composed(*overrides: str):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+        return compose("config", overrides=[BASE_EXPERIMENT, *overrides])
 
 
 def test_a_shadowed_command_line_value_is_named_with_its_shadow():
@@ -116,3 +116,24 @@ def test_the_readme_example_trains_every_stage_for_the_epochs_given(logged_study
     table = pd.read_csv(out / "results.csv")
     assert len(table) == 4 and (table.epochs == 1).all()
     assert os.path.isfile(out / "report.md")
+
+
+def test_a_tuned_study_ends_with_its_recommended_rank(tmp_path: Path, capsys):
+    out = tmp_path / "study"
+    args = ["sweep", *tiny_study_overrides(tmp_path), f"output_dir={out}", "sweep.ranks=[1,2]"]
+    args += ["sweep.seeds=[0,1,2]", "sweep.learning_rates=[1e-3,1e-2]"]
+    args += ["stages.full_finetune.learning_rates=[1e-3,1e-2]"]
+    assert main(args) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines[-1].startswith("recommended rank: ")
+    table = pd.read_csv(out / "results.csv")
+    assert table.val_acc.notna().all() and table.selected.dtype == bool
+    # one learning rate per (stage, rank): 3 baseline rows and 3 seeds × 2 ranks of LoRA
+    tuned = table[table.selected & (table.stage != "pretrain")]
+    assert (
+        len(tuned) == 3 + 6
+        and tuned.groupby(["stage", "rank"], dropna=False).learning_rate.nunique().max() == 1
+    )
+    report = (out / "report.md").read_text()
+    assert report.index("## Recommended rank") < report.index("## Headline")
+    assert "## Learning rates" in report and (out / "lr_heatmap.png").is_file()

@@ -35,13 +35,16 @@ from lora_lab.pipeline.parallel import (
 )
 from lora_lab.pipeline.plan import PlannedRun
 from lora_lab.pipeline.threads import POOL_ENV
+from tests.pipeline.conftest import BASE_EXPERIMENT
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def composed(*overrides: str, hydra: bool = False) -> Any:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra)
+        return compose(
+            config_name="config", overrides=[BASE_EXPERIMENT, *overrides], return_hydra_config=hydra
+        )
 
 
 def lora_runs(*overrides: str) -> list[PlannedRun]:
@@ -78,7 +81,11 @@ def test_alphas_learning_rates_and_seeds_form_a_grid_with_ranks():
             "sweep.seeds=[0,1]",
         )
     )
-    pretrain, full, *lora = runs
+    pretrain, *rest = runs
+    full = [run for run in rest if run.stage == "full_finetune"]
+    lora = [run for run in rest if run.stage == "lora"]
+    # with seeds swept, the baseline runs once per seed (the recommended rank compares them)
+    assert [r.run_id for r in full] == ["full_finetune_s0", "full_finetune_s1"]
     assert len(lora) == 2 * 2 * 2 * 2
     assert {(r.rank, r.alpha, r.learning_rate, r.seed) for r in lora} == {
         (rank, alpha, lr, seed)
@@ -98,7 +105,7 @@ def test_alphas_learning_rates_and_seeds_form_a_grid_with_ranks():
     assert len({r.identity for r in runs}) == len(runs)
     assert len({r.adapter for r in lora}) == len(lora)
     # The learning-rate grid is the LoRA stage's; the other stages keep theirs.
-    assert pretrain.cfg.module.optimizer.lr == full.cfg.module.optimizer.lr == 1e-3
+    assert pretrain.cfg.module.optimizer.lr == full[0].cfg.module.optimizer.lr == 1e-3
     assert lora[0].label() == "lora rank=1 alpha=4 lr=0.001 seed=0"
 
 

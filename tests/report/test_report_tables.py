@@ -54,7 +54,8 @@ def test_summary_means_and_sample_stds_match_hand_computation(known: pd.DataFram
     assert rank4["test_loss_std"] == pytest.approx(2.5 * std)
     assert rank4["trainable_params"] == 600
     assert rank4["total_params"] == 100_600
-    assert rank4["pct_trainable"] == pytest.approx(100 * 600 / 100_600)
+    # the share of the full finetune's trainable parameters (the network's 100,000)
+    assert rank4["pct_trainable"] == pytest.approx(100 * 600 / 100_000)
     assert rank4["train_seconds_mean"] == pytest.approx((10 + 11 + 12) / 3)
 
 
