@@ -9,6 +9,8 @@ import pytest
 from lora_lab.data import DATA_ENV, clear_memory_cache
 from lora_lab.data.fakes import write_fake_mnist
 
+BASE_EXPERIMENT = "experiment=fashion_mnist_rank_sweep"
+
 
 def tiny_study_overrides(folder: Path) -> list[str]:
     """Write 600/100 random images in the real gzip IDX format under `folder`, and return
@@ -16,6 +18,9 @@ def tiny_study_overrides(folder: Path) -> list[str]:
     clear_memory_cache()
     data = write_fake_mnist(folder / "fashion", n_train=600, n_test=100)
     return [
+        # The single-seed, single-lr same-task study; the default study (fashion_mnist_which_rank)
+        # sweeps 3 seeds and 3 learning rates, which most tests do not need.
+        BASE_EXPERIMENT,
         f"data.root={data}",
         f"data.cache_dir={folder / 'cache'}",
         "data.val_size=100",

@@ -17,6 +17,7 @@ from lora_lab.models import lora_variant, save_network_weights
 from lora_lab.pipeline import plan, stage_config
 from lora_lab.pipeline.methods import lora_config_of
 from lora_lab.pipeline.stages import build_module
+from tests.pipeline.conftest import BASE_EXPERIMENT
 
 
 def choices(group: str) -> list[str]:
@@ -25,7 +26,7 @@ def choices(group: str) -> list[str]:
 
 def composed(*overrides: str):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+        return compose(config_name="config", overrides=[BASE_EXPERIMENT, *overrides])
 
 
 def test_groups_exist():
@@ -125,10 +126,9 @@ def test_experiments_plan_valid_studies(experiment: str, fake_downloads: Path):
     cfg = composed(f"experiment={experiment}")
     runs = plan(cfg)
     assert [r.stage for r in runs[:2]] == ["pretrain", "full_finetune"]
-    methods = len(cfg.sweep.methods or [None])
-    assert [r.rank for r in runs if r.stage == "lora"] == list(cfg.sweep.ranks) * (
-        len(cfg.sweep.seeds) * methods
-    )
+    repeats = len(cfg.sweep.methods or [None]) * len(cfg.sweep.learning_rates or [None])
+    lora_ranks = [r.rank for r in runs if r.stage == "lora"]
+    assert sorted(lora_ranks) == sorted(list(cfg.sweep.ranks) * len(cfg.sweep.seeds) * repeats)
     assert cfg.name == experiment
 
 

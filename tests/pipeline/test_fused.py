@@ -43,6 +43,7 @@ def composed(folder: Path, *overrides: str) -> DictConfig:
     clear_memory_cache()
     data = write_fake_mnist(folder / "fashion", n_train=600, n_test=100)
     tiny = [
+        "experiment=fashion_mnist_rank_sweep",  # one seed, one lr (the default study has 3 each)
         f"data.root={data}",
         f"data.cache_dir={folder / 'cache'}",
         "data.val_size=100",

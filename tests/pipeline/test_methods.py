@@ -17,13 +17,14 @@ from lora_lab.pipeline.methods import available_methods
 from lora_lab.pipeline.plan import plan
 from lora_lab.pipeline.stages import build_module
 from lora_lab.report.tables import method_comparison
+from tests.pipeline.conftest import BASE_EXPERIMENT
 
 ALL = "sweep.methods=[default,dora,pissa,loraplus,rslora]"
 
 
 def composed(*overrides: str):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+        return compose("config", overrides=[BASE_EXPERIMENT, *overrides])
 
 
 def test_every_method_is_an_option_of_the_lora_group():
