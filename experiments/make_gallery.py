@@ -30,6 +30,8 @@ STUDIES: dict[str, list[str]] = {
     "mnist_seed": ["experiment=mnist_seed", "data=fashion_mnist"],
     "linear_shift": ["experiment=linear_shift"],
     "fashion_mnist_methods": ["experiment=fashion_mnist_methods", "sweep.seeds=[0,1,2]"],
+    # The default study (`lora-lab sweep` with no arguments).
+    "fashion_mnist_which_rank": ["experiment=fashion_mnist_which_rank"],
     "fashion_mnist_convnet_classes": [
         "experiment=fashion_mnist_convnet_classes",
         "sweep.seeds=[0,1,2]",
