@@ -50,6 +50,9 @@ class PlannedRun:
     adapter: str = ""
 
     def label(self) -> str:
+        if self.stage == "full_finetune" and self.run_id not in ("", "full_finetune"):
+            lr = f" lr={self.learning_rate:g}" if self.learning_rate is not None else ""
+            return f"full_finetune{lr} seed={self.seed}"
         if self.stage != "lora":
             return self.stage
         swept = f" {self.method}" if self.method is not None else ""
