@@ -34,6 +34,7 @@ from lora_lab.report.results import (
     sort_by_stage,
     varying_lora_dims,
 )
+from lora_lab.report.selection import tuned_rows
 
 logger = logging.getLogger(__name__)
 
@@ -127,12 +128,14 @@ def _missing_note(missing: list[str], shown: int = 6) -> str:
 
 def draw_curves(study_dir: str | Path, df: pd.DataFrame) -> Figure | None:
     """Grid of curves: columns loss/accuracy, rows train/validation; see :func:`plot_curves`."""
-    df = normalize_results(df)
+    # With a learning-rate grid, only each configuration at its chosen learning rate: a line
+    # per grid point (21 configurations × 3 seeds in the default study) cannot be told apart.
+    df, tuned = tuned_rows(normalize_results(df))
     curves, missing = collect_curves(study_dir, df)
     if curves.empty:
         return None
     # Configurations in study order (pretrain, full finetune, then LoRA by rank) for the legend.
-    dims = varying_lora_dims(df)
+    dims = varying_lora_dims(df, tuned)
     ordered = sort_by_stage(ok_runs(df)).apply(lambda row: config_label(row, dims), axis=1)
     configs = [c for c in dict.fromkeys(ordered) if c in set(curves["config"])]
     palette = _palette(configs)
@@ -168,6 +171,7 @@ def draw_curves(study_dir: str | Path, df: pd.DataFrame) -> Figure | None:
             for ax in axes[:, 0]:
                 ax.set_yscale("log")
         title = "Training and validation curves" + (" (one line per seed)" if several_seeds else "")
+        title += ", each at its chosen learning rate" if tuned else ""
         if "pretrain" in configs:
             title += "\npretrain curves are measured on the pretraining (source) task"
         fig.suptitle(title)
