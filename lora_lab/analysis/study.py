@@ -70,6 +70,25 @@ def accuracy_lookup(study_dir: Path, notes: list[str]) -> AccuracyLookup:
     return lookup
 
 
+def full_finetune_file(study: Path) -> Path:
+    """The full finetune the analysis compares with: `checkpoints/full_finetune.safetensors`,
+    or, when the baseline ran for several seeds or learning rates, the checkpoint of its
+    lowest-seed run at the learning rate chosen on validation (`selected` in results.csv)."""
+    if (study / FULL_FINETUNE_FILE).is_file() or not (study / "results.csv").is_file():
+        return FULL_FINETUNE_FILE
+    try:
+        table = pd.read_csv(study / "results.csv")
+    except (OSError, ValueError):
+        return FULL_FINETUNE_FILE
+    runs = table[(table["stage"] == "full_finetune") & (table["status"] == "ok")]
+    if "selected" in runs:
+        runs = runs[runs["selected"].astype(str).str.lower() == "true"]
+    if runs.empty:
+        return FULL_FINETUNE_FILE
+    run_id = runs.sort_values(["seed", "run_id"])["run_id"].iloc[0]
+    return FULL_FINETUNE_FILE.parent / f"{run_id}.safetensors"
+
+
 def analyze_study(study_dir: str | os.PathLike[str], *, make_plots: bool = True) -> pd.DataFrame:
     """Analyses a study folder's weight updates (LoRA paper §7) into `<study>/analysis.csv`.
 
@@ -92,7 +111,7 @@ def analyze_study(study_dir: str | os.PathLike[str], *, make_plots: bool = True)
     study = Path(study_dir)
     notes: list[str] = []
     pretrain = load_checkpoint(study / PRETRAIN_FILE, notes)
-    full = load_checkpoint(study / FULL_FINETUNE_FILE, notes)
+    full = load_checkpoint(study / full_finetune_file(study), notes)
     adapters = load_adapters(study, notes) if study.is_dir() else []
     if pretrain is None and full is None and not adapters:
         raise ValueError(
