@@ -184,17 +184,3 @@ class DoRAEmbedding(DoRAMixin, LoRAEmbedding):
         lora_weight = (self.lora_embedding_B @ self.lora_embedding_A).t()
         scale = self._scale(lora_weight)  # [dim]
         return scale * result + scale * self.embed_update(x) * self.scaling
-
-    def embed_update(self, x: torch.Tensor) -> torch.Tensor:
-        """embed(x, Aᵀ) @ Bᵀ without scaling: x [...] -> [..., dim]."""
-        base = self.base_layer
-        after_a = F.embedding(
-            x,
-            self.lora_embedding_A.t(),
-            padding_idx=base.padding_idx,
-            max_norm=base.max_norm,
-            norm_type=base.norm_type,
-            scale_grad_by_freq=base.scale_grad_by_freq,
-            sparse=base.sparse,
-        )
-        return after_a @ self.lora_embedding_B.t()

@@ -60,11 +60,8 @@ class LoRAEmbedding(LoRALayer):
         product = self.lora_embedding_B.float() @ self.lora_embedding_A.float()
         return product.t() * self.scaling
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x [...] integer indices. Returns: [..., embedding_dim]."""
-        result = self.base_layer(x)
-        if self.merged:
-            return result
+    def embed_update(self, x: torch.Tensor) -> torch.Tensor:
+        """embed(x, Aᵀ) @ Bᵀ without scaling: x [...] -> [..., dim]."""
         base = self.base_layer
         after_a = F.embedding(
             x,
@@ -75,4 +72,11 @@ class LoRAEmbedding(LoRALayer):
             scale_grad_by_freq=base.scale_grad_by_freq,
             sparse=base.sparse,
         )  # [..., r]
-        return result + (after_a @ self.lora_embedding_B.t()) * self.scaling
+        return after_a @ self.lora_embedding_B.t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x [...] integer indices. Returns: [..., embedding_dim]."""
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        return result + self.embed_update(x) * self.scaling
