@@ -49,7 +49,7 @@ data:  ## install Debian's Fashion-MNIST (the offline default dataset) if it is 
 	  $$SUDO apt-get update && $$SUDO apt-get install -y dataset-fashion-mnist; \
 	fi
 
-sweep: setup  ## run the default study (Fashion-MNIST rank sweep, offline) into outputs/
+sweep: setup  ## run the default study (Fashion-MNIST "which rank?", offline, about a minute) into outputs/
 	$(LORA_LAB) sweep $(ARGS)
 
 test:  ## the default test suite (under 10 minutes on 2 cores)
