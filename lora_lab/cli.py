@@ -274,7 +274,10 @@ def _say_recommendation(study_dir: Path, tolerance: float) -> None:
     from lora_lab.report import read_results
     from lora_lab.report.selection import recommend
 
-    frame = read_results(study_dir / "results.csv")
+    try:
+        frame = read_results(study_dir / "results.csv")
+    except ValueError:  # no usable table (every run failed): the failures were said above
+        return
     for recommendation in recommend(frame, tolerance):
         say(recommendation.sentence(tolerance))
 
