@@ -80,7 +80,11 @@ def full_finetune_file(study: Path) -> Path:
         table = pd.read_csv(study / "results.csv")
     except (OSError, ValueError):
         return FULL_FINETUNE_FILE
-    runs = table[(table["stage"] == "full_finetune") & (table["status"] == "ok")]
+    if not {"stage", "run_id", "seed"} <= set(table.columns):
+        return FULL_FINETUNE_FILE  # a table that cannot name the runs (not written by lora_lab)
+    runs = table[table["stage"] == "full_finetune"]
+    if "status" in runs:
+        runs = runs[runs["status"] == "ok"]
     if "selected" in runs:
         runs = runs[runs["selected"].astype(str).str.lower() == "true"]
     if runs.empty:

@@ -315,3 +315,22 @@ def test_a_wrapper_prefix_in_the_checkpoint_still_matches(tmp_path: Path) -> Non
     assert one(table, "lora_vs_full", layer="net.fc")["relative_error"] == pytest.approx(
         0, abs=1e-5
     )
+
+
+def test_the_full_finetune_compared_with_is_the_chosen_one(tmp_path: Path) -> None:
+    # A baseline per seed and learning rate: the lowest seed at the lr chosen on validation.
+    from lora_lab.analysis.study import full_finetune_file
+
+    rows = [
+        "run_id,stage,seed,learning_rate,selected,status",
+        "pretrain,pretrain,0,0.001,True,ok",
+        "full_finetune_lr0.001_s1,full_finetune,1,0.001,False,ok",
+        "full_finetune_lr0.003_s1,full_finetune,1,0.003,True,ok",
+        "full_finetune_lr0.003_s0,full_finetune,0,0.003,True,ok",
+        "full_finetune_lr0.001_s0,full_finetune,0,0.001,False,ok",
+    ]
+    (tmp_path / "results.csv").write_text("\n".join(rows) + "\n")
+    assert full_finetune_file(tmp_path) == Path("checkpoints/full_finetune_lr0.003_s0.safetensors")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "full_finetune.safetensors").write_bytes(b"")
+    assert full_finetune_file(tmp_path) == Path("checkpoints/full_finetune.safetensors")
