@@ -65,8 +65,9 @@ bench:  ## benchmarks: print ratios measured side by side (not gpu_check.py: mak
 bench-gpu:  ## fused vs sequential on a CUDA device: exactness, bf16-mixed, a 21-run grid
 	$(PY) bench/gpu_check.py
 
-lint:  ## ruff
+lint:  ## ruff, and the import layers of DESIGN.md (import-linter, .importlinter)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 format:  ## ruff format + fix imports
 	$(VENV)/bin/ruff check --fix --select I .
