@@ -124,7 +124,7 @@ def describe(hint: Any) -> str:
         return words + (" or null" if type(None) in args else "")
     if origin in (Union, types.UnionType):
         # Classes a YAML value cannot be (torch.Tensor, Callback, …) are left unsaid.
-        shown = [a for a in args if a is not type(None) and describe(a) in _PLAIN_WORDS]
+        shown = [a for a in args if a is not type(None) and _is_plain_words(describe(a))]
         words = [describe(a) for a in shown or [a for a in args if a is not type(None)]]
         return " or ".join(dict.fromkeys(words)) + (" or null" if type(None) in args else "")
     if origin is Literal:
@@ -150,15 +150,8 @@ _WORDS = {
 
 
 def _is_plain_words(words: str) -> bool:
-    return words in _WORDS.values() or words.startswith(("a list of", "one of", "a mapping"))
-
-
-class _PlainWords:
-    def __contains__(self, words: object) -> bool:
-        return isinstance(words, str) and _is_plain_words(words)
-
-
-_PLAIN_WORDS = _PlainWords()
+    """Whether `describe` gave a type a YAML value can have (not a class name)."""
+    return words in _WORDS.values() or words.startswith(("a list", "one of", "a mapping"))
 
 
 def conforms(value: Any, hint: Any) -> bool:

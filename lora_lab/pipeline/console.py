@@ -70,6 +70,7 @@ class EpochLine(Callback):
 
     def __init__(self, label: str) -> None:
         self.label = label
+        self.pending: int | None = None  # the finished epoch whose line is still to say
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The epoch's aggregated training metrics are filled in after this hook: say the line
@@ -81,8 +82,6 @@ class EpochLine(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._say(trainer)
-
-    pending: int | None = None
 
     def _say(self, trainer: L.Trainer) -> None:
         if self.pending is None or not trainer.is_global_zero:

@@ -8,6 +8,7 @@ the method keys of its option.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +45,17 @@ def method_patch(name: str, conf_dir: Path = CONF_DIR) -> dict[str, Any]:
             f"sweep.methods holds {name!r}, which is not a LoRA method; choose from "
             f"{', '.join(known)} (the options of conf/lora/)"
         )
-    default = OmegaConf.load(conf_dir / "lora" / "default.yaml")
-    option = OmegaConf.load(conf_dir / "lora" / f"{name}.yaml")
+    default, option = _option(conf_dir, "default"), _option(conf_dir, name)
     return {key: option.get(key, default.get(key)) for key in METHOD_KEYS}
+
+
+@functools.cache
+def _option(conf_dir: Path, name: str) -> dict[str, Any]:
+    """The keys `conf/lora/<name>.yaml` sets itself, read once per process (a plan asks
+    for them once per run)."""
+    loaded = OmegaConf.to_container(OmegaConf.load(conf_dir / "lora" / f"{name}.yaml"))
+    assert isinstance(loaded, dict)
+    return {key: value for key, value in loaded.items() if key in METHOD_KEYS}
 
 
 def lora_config_of(node: DictConfig | dict[str, Any]) -> LoRAConfig:

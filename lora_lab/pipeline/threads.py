@@ -179,7 +179,6 @@ class ThreadBudget(Callback):
     ) -> None:
         self.cfg, self.jobs, self.every = cfg, jobs or pool_jobs(), every
         self.registry = registry or TrainingRegistry()
-        self.threads = torch.get_num_threads()
 
     def apply(self, raise_too: bool = True) -> int:
         """Set torch's threads to the budget; mid-epoch (`raise_too=False`) only lower them,
@@ -188,7 +187,6 @@ class ThreadBudget(Callback):
         current = torch.get_num_threads()
         if wanted < current or (raise_too and wanted > current):
             torch.set_num_threads(wanted)
-        self.threads = wanted
         return wanted
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -302,18 +302,18 @@ def _learning_rate_section(df: pd.DataFrame) -> list[str]:
             "val_acc": chosen["val_acc"].map(lambda v: "" if pd.isna(v) else f"{v:.4f}"),
         }
     )
-    edge = chosen[chosen["at_edge"]]
-    warnings = [
-        f"- **At the edge of the grid:** {row['stage']} {row['method']} r={row['rank']:g}: "
-        f"lr={row['learning_rate']:g} is the grid's "
-        f"{'smallest' if row['learning_rate'] == row['grid'][0] else 'largest'}; the best "
-        "learning rate may lie outside it."
-        if not pd.isna(row["rank"])
-        else f"- **At the edge of the grid:** the full finetune's lr={row['learning_rate']:g} is "
-        f"the grid's {'smallest' if row['learning_rate'] == row['grid'][0] else 'largest'}; the "
-        "best learning rate may lie outside it."
-        for _, row in edge.iterrows()
-    ]
+    warnings = []
+    for _, row in chosen[chosen["at_edge"]].iterrows():
+        who = (
+            "the full finetune's"
+            if pd.isna(row["rank"])
+            else f"{row['stage']} {row['method']} r={row['rank']:g}:"
+        )
+        end = "smallest" if row["learning_rate"] == row["grid"][0] else "largest"
+        warnings.append(
+            f"- **At the edge of the grid:** {who} lr={row['learning_rate']:g} is the grid's "
+            f"{end}; the best learning rate may lie outside it."
+        )
     return [
         "## Learning rates",
         "",
