@@ -60,7 +60,7 @@ def atomic_path(path: str | os.PathLike[str], *, fsync: bool = False) -> Iterato
     ``save_file(tensors, tmp)``, ``fig.savefig(tmp)``, ``df.to_csv(tmp)``, ``open(tmp, "wb")``
     — all of which keep its mode. A writer that replaces the file instead gets the mode put
     back before the rename, so the target always has the mode a plain ``open`` would give it.
-    The target's folder must exist.
+    The target's folder is made if it is missing.
 
     Args:
         path: Destination file.
@@ -70,6 +70,7 @@ def atomic_path(path: str | os.PathLike[str], *, fsync: bool = False) -> Iterato
         The temp file's path.
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     temp, mode = _create_temp(path)
     try:
         yield temp

@@ -149,7 +149,8 @@ def test_network_weights_file_is_0644(tmp_path: Path) -> None:
 
 
 def test_result_json_and_results_csv_are_0644(tmp_path: Path) -> None:
-    from lora_lab.pipeline.results import RESULTS_CSV, write_result, write_results_csv
+    from lora_lab.pipeline.record import write_results_csv
+    from lora_lab.results import RESULTS_CSV, write_result
 
     with umask(0o022):
         result = write_result(tmp_path / "run0", {"stage": "pretrain", "run_id": "run0"})
@@ -159,7 +160,7 @@ def test_result_json_and_results_csv_are_0644(tmp_path: Path) -> None:
 
 
 def test_report_writers_are_0644(tmp_path: Path) -> None:
-    from lora_lab.report._io import atomic_write, atomic_write_text, save_figure
+    from lora_lab.report.figures import save_figure
 
     figure = Figure(figsize=(2, 2))
     figure.add_subplot().plot([0, 1], [1, 0])
@@ -170,11 +171,9 @@ def test_report_writers_are_0644(tmp_path: Path) -> None:
     assert mode(png) == 0o644
     assert png.read_bytes().startswith(b"\x89PNG")
 
-    def failing(stream: object) -> None:
+    with pytest.raises(ValueError), atomic_path(tmp_path / "report.md") as temp:
+        temp.write_text("half a report")
         raise ValueError("no")
-
-    with pytest.raises(ValueError):
-        atomic_write(tmp_path / "report.md", failing)
     assert report.read_text() == "# report\n"
     assert names(tmp_path) == ["plot.png", "report.md"]
 

@@ -1,22 +1,19 @@
 """The study pipeline: stages, the sweep that chains them, and results files."""
 
 from lora_lab.pipeline.plan import StudyError, plan
-from lora_lab.pipeline.results import COLUMNS, find_results, results_frame, write_results_csv
+from lora_lab.pipeline.record import write_results_csv
 from lora_lab.pipeline.resume import check_output_dir, check_study_dir, run_identity
 from lora_lab.pipeline.stages import STAGES, StageRun, run_stage, stage_config
 from lora_lab.pipeline.sweep import run_sweep
 from lora_lab.pipeline.train import train, train_preflight
 
 __all__ = [
-    "COLUMNS",
     "STAGES",
     "StageRun",
     "StudyError",
     "check_output_dir",
     "check_study_dir",
-    "find_results",
     "plan",
-    "results_frame",
     "run_identity",
     "run_stage",
     "run_sweep",

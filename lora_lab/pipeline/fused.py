@@ -371,4 +371,5 @@ def _finish(
         pretrained=pretrained,
         pass_id=pass_id,
         val_acc=module.val_metrics.get(k, {}).get("val_acc"),
+        artefact=f"adapters/{member.run.adapter}",
     )

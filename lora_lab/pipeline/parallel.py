@@ -24,8 +24,8 @@ import torch
 from hydra.errors import CompactHydraException
 from lightning.pytorch.callbacks import Callback
 
+from lora_lab._atomic import atomic_write_text
 from lora_lab.pipeline.console import LOG_FILE
-from lora_lab.pipeline.results import write_atomic
 from lora_lab.pipeline.threads import POOL_ENV
 
 if TYPE_CHECKING:
@@ -220,7 +220,7 @@ class ReplicaCheck(Callback):
             torch.distributed.all_gather_object(digests, digest)
         if trainer.is_global_zero:
             record = {"world_size": len(digests), "digests": digests}
-            write_atomic(
+            atomic_write_text(
                 Path(trainer.default_root_dir) / REPLICAS_FILE, json.dumps(record, indent=2) + "\n"
             )
         if len(set(digests)) > 1:

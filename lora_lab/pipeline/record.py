@@ -1,15 +1,22 @@
-"""Record: the rows of finished and failed runs, written as each run's `result.json`."""
+"""Record: the one place that turns a finished or failed run into a `RunResult` and writes it
+(the run's `result.json`, then the study's `results.csv`)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from lora_lab._atomic import atomic_write_text
 from lora_lab.pipeline.methods import method_of
 from lora_lab.pipeline.plan import PlannedRun
-from lora_lab.pipeline.results import write_result
+from lora_lab.report.selection import selected_mask
+from lora_lab.results import RESULTS_CSV, find_results, results_frame, write_result
+
+log = logging.getLogger(__name__)
 
 
 def failed_result(run: PlannedRun, error: BaseException, pass_id: str = "") -> dict[str, Any]:
@@ -45,3 +52,18 @@ def record(
     full["config"] = OmegaConf.to_container(run_cfg, resolve=True)
     full["environment"] = env
     write_result(study_dir / result["run_dir"], full)
+
+
+def write_results_csv(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
+    """Rebuild `<root>/results.csv` from every `result.json` below `root`, atomically, with
+    the `selected` column the report's learning-rate choice gives.
+
+    Returns:
+        The table and the corrupt-file messages from `find_results`.
+    """
+    results, problems = find_results(root)
+    for problem in problems:
+        log.warning(problem)
+    frame = results_frame(results, select=selected_mask)
+    atomic_write_text(Path(root) / RESULTS_CSV, frame.to_csv(index=False), fsync=True)
+    return frame, problems

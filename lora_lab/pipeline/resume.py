@@ -20,7 +20,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lora_lab.pipeline.results import RESULT_FILE, RESULTS_CSV, SET_ASIDE, read_result
+from lora_lab.results import RESULT_FILE, RESULTS_CSV, SET_ASIDE, read_result
 
 STUDY_FILE = "study.json"
 CHECKPOINT_FILE = "last.ckpt"

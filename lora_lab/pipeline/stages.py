@@ -23,11 +23,11 @@ from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from lora_lab._atomic import atomic_write_text
 from lora_lab.lora import count_parameters, lora_delta_weight, lora_layers, save_adapter
 from lora_lab.models import ClassifierModule, lora_variant, read_weights, save_network_weights
 from lora_lab.pipeline.console import progress_options, say
 from lora_lab.pipeline.methods import lora_config_of, loraplus_ratio_of, method_of, method_patch
-from lora_lab.pipeline.results import write_atomic
 from lora_lab.pipeline.resume import resume_checkpoint
 from lora_lab.pipeline.threads import ThreadBudget
 
@@ -253,7 +253,7 @@ def prepend_log(run_dir: Path, earlier: pd.DataFrame) -> None:
     """Put the epochs logged before an interruption back in front of the resumed run's log."""
     path = run_dir / "logs" / "metrics.csv"
     later = pd.read_csv(path) if path.is_file() else earlier.iloc[0:0]
-    write_atomic(path, pd.concat([earlier, later], ignore_index=True).to_csv(index=False))
+    atomic_write_text(path, pd.concat([earlier, later], ignore_index=True).to_csv(index=False))
 
 
 def _checkpoint_epoch(path: Path) -> int | None:
@@ -343,6 +343,7 @@ def result_row(
     pretrained: Path | None,
     pass_id: str = "",
     val_acc: float | None = None,
+    artefact: str | None = None,
 ) -> dict[str, Any]:
     """The result row of a finished run (`lora_lab.schema` names its columns).
 
@@ -359,6 +360,7 @@ def result_row(
         pass_id: The training pass that trained it; "" for a run trained on its own.
         val_acc: The validation accuracy after the last epoch (what learning rates are chosen
             by; None for regression).
+        artefact: The adapter folder or weights file the run saved, relative to the study.
     """
     stage, run_id = run_cfg.stage, run_cfg.run_id
     counts = count_parameters(module.network)
@@ -382,6 +384,7 @@ def result_row(
         "status": "ok",
         "error": "",
         "identity": identity,
+        "artefact": artefact,
     }
     fingerprint = getattr(datamodule, "fingerprint", None)
     if callable(fingerprint):
@@ -479,11 +482,11 @@ def run_stage(
 
     if stage == "lora":
         assert rank is not None
-        save_adapter(
-            module.network, study_dir / "adapters" / (adapter_name or adapter_name_for(rank, seed))
-        )
+        artefact = f"adapters/{adapter_name or adapter_name_for(rank, seed)}"
+        save_adapter(module.network, study_dir / artefact)
     else:
-        save_network_weights(module.network, study_dir / "checkpoints" / f"{run_id}.safetensors")
+        artefact = f"checkpoints/{run_id}.safetensors"
+        save_network_weights(module.network, study_dir / artefact)
     result = result_row(
         run_cfg,
         module,
@@ -495,5 +498,6 @@ def run_stage(
         identity=identity,
         pretrained=pretrained,
         val_acc=None if val_acc is None else float(val_acc),
+        artefact=artefact,
     )
     return StageRun(result=result, module=module, datamodule=datamodule, trainer=trainer)

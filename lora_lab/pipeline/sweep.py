@@ -22,12 +22,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from lora_lab._atomic import atomic_write_text
 from lora_lab.pipeline.console import say
 from lora_lab.pipeline.environment import environment
 from lora_lab.pipeline.fused import run_fused
 from lora_lab.pipeline.plan import PlannedRun, plan, sweep_jobs
-from lora_lab.pipeline.record import failed_result, record
-from lora_lab.pipeline.results import write_atomic, write_results_csv
+from lora_lab.pipeline.record import failed_result, record, write_results_csv
 from lora_lab.pipeline.resume import (
     CHECKPOINT_FILE,
     STUDY_FILE,
@@ -129,7 +129,8 @@ def run_sweep(cfg: DictConfig, study_dir: Path, command: str = "lora-lab sweep")
     prepare_study_dir(cfg, study_dir)
     env = environment()
     study = {"command": command, "environment": env, "config": study_config(cfg)}
-    write_atomic(study_dir / STUDY_FILE, json.dumps(study, indent=2, default=str) + "\n")
+    text = json.dumps(study, indent=2, default=str) + "\n"
+    atomic_write_text(study_dir / STUDY_FILE, text, fsync=True)
     progress = Progress(runs)
     pretrained = study_dir / "checkpoints" / "pretrain.safetensors"
     target_data = stage_config(cfg, "lora").data

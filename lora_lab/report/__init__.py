@@ -11,15 +11,12 @@ from lora_lab.report.plots import (
     plot_curves,
     plot_per_class,
 )
-from lora_lab.report.results import REQUIRED_COLUMNS, read_results
 
 __all__ = [
-    "REQUIRED_COLUMNS",
     "plot_accuracy_vs_params",
     "plot_accuracy_vs_rank",
     "plot_curves",
     "plot_per_class",
-    "read_results",
     "summary_table",
     "write_report",
 ]

@@ -13,10 +13,9 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.patches import Rectangle
 
-from lora_lab.report._io import save_figure
-from lora_lab.report._style import new_figure, theme
-from lora_lab.report.results import normalize_results, ok_runs
+from lora_lab.report.figures import new_figure, save_figure, theme
 from lora_lab.report.selection import chosen_learning_rates, lr_tuned
+from lora_lab.results import normalize_results, ok_runs
 
 HEATMAP_FILE = "lr_heatmap.png"
 

@@ -9,19 +9,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from lora_lab._atomic import atomic_write_text
 from lora_lab.report import plots
-from lora_lab.report._io import atomic_write_text
 from lora_lab.report.curves import metrics_path
+from lora_lab.report.labels import format_value, main_metric, varying_lora_dims
 from lora_lab.report.lr_heatmap import HEATMAP_FILE, plot_lr_heatmap
-from lora_lab.report.results import (
-    format_value,
-    main_metric,
-    normalize_results,
-    ok_mask,
-    ok_runs,
-    read_results,
-    varying_lora_dims,
-)
 from lora_lab.report.selection import (
     ALPHA_LEVEL,
     DEFAULT_TOLERANCE,
@@ -37,6 +29,7 @@ from lora_lab.report.tables import (
     method_comparison,
     summary_table,
 )
+from lora_lab.results import normalize_results, ok_mask, ok_runs, read_results
 
 __all__ = ["summary_table", "write_report"]
 

@@ -22,23 +22,18 @@ import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from lora_lab.report._io import save_figure
-from lora_lab.report._style import (
+from lora_lab.report.figures import (
     FULL_FINETUNE_COLOR,
     LORA_COLOR,
     PRETRAIN_COLOR,
     figure_legend,
     new_figure,
+    save_figure,
     sequential_colors,
     theme,
 )
-from lora_lab.report.results import (
-    config_label,
-    normalize_results,
-    ok_runs,
-    parse_per_class,
-    varying_lora_dims,
-)
+from lora_lab.report.labels import config_label, varying_lora_dims
+from lora_lab.results import normalize_results, ok_runs, parse_per_class
 
 BEFORE = "before finetuning"
 FULL = "full finetune"

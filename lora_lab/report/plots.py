@@ -23,8 +23,8 @@ import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from lora_lab.report._io import save_figure
-from lora_lab.report._style import (
+from lora_lab.report.curves import draw_curves, plot_curves
+from lora_lab.report.figures import (
     FULL_FINETUNE_COLOR,
     LORA_COLOR,
     PRETRAIN_COLOR,
@@ -33,23 +33,22 @@ from lora_lab.report._style import (
     format_metric,
     metric_axis,
     new_figure,
+    save_figure,
     sequential_colors,
     set_count_axis,
     set_rank_axis,
     theme,
 )
-from lora_lab.report.curves import draw_curves, plot_curves
-from lora_lab.report.per_class import draw_per_class, per_class_table, plot_per_class
-from lora_lab.report.results import (
+from lora_lab.report.labels import (
     fixed_lora_settings,
     format_count,
     format_value,
     main_metric,
-    normalize_results,
-    ok_runs,
     varying_lora_dims,
 )
+from lora_lab.report.per_class import draw_per_class, per_class_table, plot_per_class
 from lora_lab.report.selection import tuned_rows
+from lora_lab.results import normalize_results, ok_runs
 
 __all__ = [
     "draw_accuracy_vs_params",

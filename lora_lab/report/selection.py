@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from lora_lab.report.results import ok_mask
+from lora_lab.results import ok_mask
 
 #: What a learning rate is chosen within: one curve point (seeds and learning rates vary).
 CONFIG_KEYS = ["stage", "method", "rank", "alpha"]

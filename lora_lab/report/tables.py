@@ -11,14 +11,8 @@ from collections.abc import Callable
 
 import pandas as pd
 
-from lora_lab.report.results import (
-    extra_numeric_columns,
-    main_metric,
-    normalize_results,
-    ok_mask,
-    ok_runs,
-    sort_by_stage,
-)
+from lora_lab.report.labels import extra_numeric_columns, main_metric
+from lora_lab.results import normalize_results, ok_mask, ok_runs, sort_by_stage
 
 GROUP_KEYS: list[str] = ["stage", "method", "rank", "alpha", "learning_rate"]
 

@@ -169,7 +169,7 @@ def test_the_report_names_the_winner_per_rank_and_the_seed_spread():
 
 
 def _blank_columns() -> dict[str, object]:
-    from lora_lab.schema import RESULT_COLUMNS
+    from lora_lab.results import COLUMNS as RESULT_COLUMNS
 
     given = {
         "run_id",
@@ -188,7 +188,7 @@ def _blank_columns() -> dict[str, object]:
 
 def test_tables_from_before_methods_read_as_default():
     # The report reads tables written without a method column: their LoRA rows are "default".
-    from lora_lab.report.results import normalize_results
+    from lora_lab.results import normalize_results
 
     frame = pd.DataFrame([{"run_id": "x", "stage": "lora", "rank": 1, "status": "ok"}])
     frame = frame.assign(**{k: v for k, v in _blank_columns().items() if k != "method"})

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 from report_fakes import make_results
 
-from lora_lab.report import REQUIRED_COLUMNS, read_results, summary_table, write_report
+from lora_lab.report import summary_table, write_report
+from lora_lab.results import COLUMNS, read_results
 
 
 def test_read_results_keeps_text_as_text_and_blanks_empty_errors(tmp_path: Path) -> None:
@@ -48,4 +49,4 @@ def test_empty_results_file_is_a_value_error(tmp_path: Path) -> None:
 
 def test_summary_table_validates_in_memory_tables_too() -> None:
     with pytest.raises(ValueError, match="test_loss"):
-        summary_table(pd.DataFrame(columns=[c for c in REQUIRED_COLUMNS if c != "test_loss"]))
+        summary_table(pd.DataFrame(columns=[c for c in COLUMNS if c != "test_loss"]))

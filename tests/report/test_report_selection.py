@@ -7,14 +7,14 @@ import math
 import pandas as pd
 import pytest
 
-from lora_lab.report.results import normalize_results
 from lora_lab.report.selection import (
     chosen_learning_rates,
     recommend,
     selected_mask,
     tuned_rows,
 )
-from lora_lab.schema import RESULT_COLUMNS
+from lora_lab.results import COLUMNS as RESULT_COLUMNS
+from lora_lab.results import normalize_results
 
 
 def table(rows: list[dict]) -> pd.DataFrame:

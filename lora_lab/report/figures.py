@@ -1,9 +1,11 @@
-"""Shared look of the report's figures: theme, colours, axes helpers and the figure legend."""
+"""The report's figures: theme, colours, axes helpers, the figure legend, and the atomic PNG
+writer. The analysis draws with them too."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,7 +14,9 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
 
-from lora_lab.report.results import format_count, ok_runs
+from lora_lab._atomic import atomic_path
+from lora_lab.report.labels import format_count
+from lora_lab.results import ok_runs
 
 # One colour per role, the same in every figure, so a reader learns them once.
 PRETRAIN_COLOR = "0.45"
@@ -149,3 +153,11 @@ def _row_major(items: list, ncols: int) -> list:
     column layout of a row-major grid whose last row is partly empty.
     """
     return [items[i] for j in range(ncols) for i in range(j, len(items), ncols)]
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
+    """Save a figure as PNG atomically; `bbox_inches="tight"` keeps outside legends in frame."""
+    path = Path(path)
+    with atomic_path(path) as temp, open(temp, "wb") as stream:
+        fig.savefig(stream, format="png", dpi=dpi, bbox_inches="tight")
+    return path
