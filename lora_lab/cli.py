@@ -236,8 +236,8 @@ def _hydra_command(command: str, args: list[str], debug: bool) -> int:
                 return 1 if failed else 0
             result, _ = train(cfg, study_dir)
             say(
-                f"{result['run_id']}: test_acc={result['test_acc']} "
-                f"test_loss={result['test_loss']:.4f} → {study_dir}"
+                f"{result.run_id}: test_acc={result.test_acc} "
+                f"test_loss={result.test_loss:.4f} → {study_dir}"
             )
             return 0
 
@@ -271,8 +271,8 @@ def _hydra_command(command: str, args: list[str], debug: bool) -> int:
 def _say_recommendation(study_dir: Path, tolerance: float) -> None:
     """The study's answer, as its last line(s): the recommended rank of each method."""
     from lora_lab.pipeline.console import say
-    from lora_lab.results import read_results
     from lora_lab.report.selection import recommend
+    from lora_lab.results import read_results
 
     try:
         frame = read_results(study_dir / "results.csv")

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lora_lab.lora import LoRAConfig
 from lora_lab.pipeline.methods import EXTRA_KEYS
-from lora_lab.pipeline.stages import STAGES, stage_config
+from lora_lab.pipeline.run_config import STAGES, stage_config
 
 
 class ConfigError(ValueError):

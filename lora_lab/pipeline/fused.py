@@ -1,15 +1,9 @@
 """Fused runner (`sweep.fused=true`, the default): the LoRA runs that share a frozen network
-and the data train together, in one pass over the data, as one `FusedLoRAModule` under the
-stock Lightning `Trainer`.
+and the data (see `fusion` for which do) train together, in one pass over the data, as one
+`FusedLoRAModule` under the stock Lightning `Trainer`.
 
-What makes a group: equal resolved `data`, `model`, `module` and `trainer` configs, apart
-from what each adapter owns: `lora.rank`, `lora.alpha`, `lora.use_rslora`, `lora.init`,
-`lora.dropout` and the optimizer and scheduler (`module.optimizer.lr` above all). The seed is
-free, but `data.seed` follows it (it draws the validation split and the batch order), so runs
-of different seeds form separate groups, each seeing exactly the data its sequential runs see;
-fix `data.seed` to fuse across seeds. Each member is built exactly as `run_stage` builds it
-(seeded by its run's seed), so with dropout off a fused adapter equals its sequential one up
-to float rounding.
+Each member is built exactly as `run_stage` builds it (seeded by its run's seed), so with
+dropout off a fused adapter equals its sequential one up to float rounding.
 
 A group is one training pass, named `fused_<hash>` in the `pass` column of its rows. The pass
 saves `passes/<pass>/last.ckpt` at every epoch end; an interrupted pass resumes from it.
@@ -31,159 +25,48 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
-from lora_lab.lora import inject_lora, save_adapter
-from lora_lab.lora.grouped import GroupingError, check_groupable, check_grouped
+from lora_lab.lora import save_adapter
+from lora_lab.lora.grouped import check_grouped
 from lora_lab.models import ClassifierModule
 from lora_lab.models.fused import FusedLoRAModule
-from lora_lab.pipeline.console import progress_options, say
-from lora_lab.pipeline.cpu import ThreadChooser, retain_freed_memory
-from lora_lab.pipeline.methods import lora_config_of
-from lora_lab.pipeline.plan import PlannedRun
-from lora_lab.pipeline.record import failed_result, record
-from lora_lab.pipeline.resume import CHECKPOINT_FILE, flatten
-from lora_lab.pipeline.stages import (
+from lora_lab.pipeline.checkpointing import (
     FinishedEpochs,
-    adapter_name_for,
-    build_module,
     epoch_checkpoint,
     log_before,
     prepend_log,
-    result_row,
     resume_point,
-    run_id_for,
-    single_device_trainer,
-    test_fields,
 )
+from lora_lab.pipeline.console import progress_options, say
+from lora_lab.pipeline.cpu import ThreadChooser, retain_freed_memory
+from lora_lab.pipeline.fusion import describe, fusable
+from lora_lab.pipeline.plan import PlannedRun
+from lora_lab.pipeline.progress import Progress
+from lora_lab.pipeline.record import (
+    failed_result,
+    finished_result,
+    record,
+    tested_fields,
+    write_results_csv,
+)
+from lora_lab.pipeline.resume import CHECKPOINT_FILE
+from lora_lab.pipeline.run_config import adapter_name_for, run_id_for
+from lora_lab.pipeline.sequential import build_module, single_device_trainer
 from lora_lab.pipeline.threads import ThreadBudget
+from lora_lab.results import RunResult
 
 PROBE_SIZE = 16
 PASSES = "passes"
-# What each member owns: these may differ within a group.
-# `init` is the adapter's own except for PiSSA, which also changes the frozen base (the key
-# records `pissa` apart: those runs never join a group of others).
-OWN_LORA_KEYS = ("rank", "alpha", "use_rslora", "init", "dropout", "method")
-OWN_MODULE_KEYS = ("optimizer", "scheduler")
-# Trainer options that manual optimization (one optimizer per member) cannot honour.
-UNSUPPORTED_TRAINER = {
-    "gradient_clip_val": "Lightning clips gradients only under automatic optimization",
-    "accumulate_grad_batches": "Lightning accumulates gradients only under automatic optimization",
-    "max_steps": "a fused pass counts one optimizer step per member, so max_steps would end it early",
-}
 
 
 def _say(message: str) -> None:
     say(f"    {message}")
 
 
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True)
-
-
-def _fusion_key(run_cfg: DictConfig) -> dict[str, Any]:
-    """Everything that must be equal for runs to share one pass."""
-    key = {group: _plain(run_cfg[group]) for group in ("data", "model", "trainer")}
-    key["module"] = {k: v for k, v in _plain(run_cfg.module).items() if k not in OWN_MODULE_KEYS}
-    key["lora"] = {k: v for k, v in _plain(run_cfg.lora).items() if k not in OWN_LORA_KEYS}
-    key["lora"]["pissa"] = run_cfg.lora.get("init") == "pissa"
-    return key
-
-
-def _differences(key: dict[str, Any], other: dict[str, Any]) -> list[str]:
-    mine, theirs = flatten(key), flatten(other)
-    return sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
-
-
-def _unsupported(run_cfg: DictConfig) -> str | None:
-    """Why runs with this config cannot be fused, or None if they can."""
-    trainer = _plain(run_cfg.trainer)
-    allowed = {"gradient_clip_val": (None, 0), "accumulate_grad_batches": (None, 1)}
-    allowed["max_steps"] = (None, -1)
-    for key, why in UNSUPPORTED_TRAINER.items():
-        if trainer.get(key) not in allowed[key]:
-            return f"trainer.{key}={trainer[key]!r}: {why}"
-    if str(trainer.get("precision")) in ("16-mixed", "16", "16-true"):
-        # Lightning's gradient scaler updates after every optimizer step: K times a batch.
-        return (
-            f"trainer.precision={trainer['precision']!r}: the fp16 gradient scaler would update "
-            "once per member; fused passes run in 32-true, bf16-mixed or bf16-true"
-        )
-    if run_cfg.lora.get("loraplus_lr_ratio") is not None:
-        return (
-            f"lora.loraplus_lr_ratio={run_cfg.lora.loraplus_lr_ratio}: LoRA+ gives B its own "
-            "learning rate, and a fused pass gives each member one"
-        )
-    network = instantiate(run_cfg.model)
-    inject_lora(network, lora_config_of(run_cfg.lora))
-    try:
-        check_groupable([network])
-    except GroupingError as error:
-        return str(error)
-    return None
-
-
-def fusable(
-    runs: Sequence[PlannedRun],
-) -> tuple[list[list[PlannedRun]], list[tuple[PlannedRun, str]]]:
-    """Split runs into groups that train fused and runs that must run alone, with the reason.
-
-    Args:
-        runs: Planned runs (normally the LoRA runs of a study), in plan order.
-
-    Returns:
-        `(groups, alone)`: groups of ≥ 2 LoRA runs, and `(run, one-line reason)` for the rest.
-    """
-    alone: list[tuple[PlannedRun, str]] = []
-    buckets: list[tuple[dict[str, Any], list[PlannedRun]]] = []
-    for run in runs:
-        if run.stage != "lora":
-            alone.append((run, "only LoRA runs are fused"))
-            continue
-        key = _fusion_key(run.cfg)
-        match = next((members for other, members in buckets if other == key), None)
-        if match is None:
-            buckets.append((key, [run]))
-        else:
-            match.append(run)
-    groups: list[list[PlannedRun]] = []
-    for key, members in buckets:
-        if len(members) == 1:
-            alone.append((members[0], _why_alone(key, members, buckets)))
-            continue
-        reason = _unsupported(members[0].cfg)
-        if reason is None:
-            groups.append(members)
-        else:
-            alone.extend((member, reason) for member in members)
-    return groups, alone
-
-
-def _why_alone(
-    key: dict[str, Any],
-    members: list[PlannedRun],
-    buckets: list[tuple[dict[str, Any], list[PlannedRun]]],
-) -> str:
-    others = [other for other, group in buckets if group is not members]
-    if not others:
-        return "no other run to fuse with"
-    differ = min((_differences(key, other) for other in others), key=len)
-    why = " (each seed draws its own split and batch order)" if differ == ["data.seed"] else ""
-    return f"its {', '.join(differ)} differ from the other runs'{why}"
-
-
-def describe(runs: Sequence[PlannedRun]) -> str:
-    """`lora ranks 1,2,4 seed 0` for a list of runs."""
-    ranks = ",".join(str(r) for r in dict.fromkeys(run.rank for run in runs))
-    seeds = ",".join(str(s) for s in dict.fromkeys(run.seed for run in runs))
-    return (
-        f"lora rank{'s' if ',' in ranks else ''} {ranks} seed{'s' if ',' in seeds else ''} {seeds}"
-    )
-
-
 def run_fused(
     runs: Sequence[PlannedRun], study_dir: Path, pretrained: Path, env: dict[str, Any]
-) -> tuple[list[dict[str, Any]], list[PlannedRun]]:
+) -> tuple[list[RunResult], list[PlannedRun]]:
     """Train every fusable group of `runs`; say in one line why any other run is not fused.
 
     Returns:
@@ -196,7 +79,7 @@ def run_fused(
         how = "it runs on its own" if len(skipped) == 1 else "they run one after another"
         reason = reason.removesuffix("; they run one after another")  # some reasons say it
         _say(f"not fused: {describe(skipped)}: {reason}; {how}")
-    results: list[dict[str, Any]] = []
+    results: list[RunResult] = []
     sequential = [run for run, _ in alone]
     for group in groups:
         _say(f"fused: {describe(group)}: {len(group)} runs train in one pass")
@@ -210,6 +93,30 @@ def run_fused(
             sequential += group
     order = {id(run): index for index, run in enumerate(runs)}
     return results, sorted(sequential, key=lambda run: order[id(run)])
+
+
+def train_fused(
+    indices: Sequence[int], progress: Progress, pretrained: Path, env: dict[str, Any]
+) -> list[int]:
+    """The study's step: train the planned LoRA runs at `indices` in fused groups.
+
+    Args:
+        indices: Positions in the plan (`progress.runs`) of LoRA runs still to do.
+        progress: The study's progress; told as each fused run ends.
+        pretrained: The pretrain checkpoint the runs start from.
+        env: The environment recorded with each result.
+
+    Returns:
+        The positions of the runs left to run on their own, in plan order.
+    """
+    runs = progress.runs
+    results, alone = run_fused([runs[i] for i in indices], progress.study_dir, pretrained, env)
+    position = {runs[i].run_id: i for i in indices}
+    for result in results:
+        progress.end(position[result.run_id], result, write_table=False)
+    if results:
+        write_results_csv(progress.study_dir)
+    return [position[run.run_id] for run in alone]
 
 
 @dataclass
@@ -270,7 +177,7 @@ def build_pass(
 
 def run_fused_group(
     group: Sequence[PlannedRun], study_dir: Path, pretrained: Path, env: dict[str, Any]
-) -> list[dict[str, Any]]:
+) -> list[RunResult]:
     """Train a group from `fusable` in one pass under a Lightning Trainer; test it; save and
     record every run as `execute` does.
 
@@ -343,7 +250,7 @@ def _finish(
     seconds: float,
     epochs: int,
     log: bool = True,
-) -> dict[str, Any]:
+) -> RunResult:
     """Member k's row: its test row logged (if `log`), its adapter saved, its loggers
     finalised."""
     tested = module.test_metrics.get(k)
@@ -352,17 +259,17 @@ def _finish(
         for logger in member.loggers:
             logger.finalize("failed")
         result = failed_result(member.run, error, pass_id)
-        say(f"FAILED {member.run.label()}: {result['error']}", logging.ERROR)
+        say(f"FAILED {member.run.label()}: {result.error}", logging.ERROR)
         return result
     for logger in member.loggers if log else []:
         logger.log_metrics({**tested, "epoch": epochs}, step=int(module.batches_seen))
         logger.finalize("success")
     save_adapter(member.module.network, study_dir / "adapters" / member.run.adapter)
-    return result_row(
+    return finished_result(
         member.cfg,
         member.module,
         datamodule,
-        test_fields(tested, member.module, datamodule),
+        tested_fields(tested, member.module, datamodule),
         source_test_acc=None,
         # The pass's training time, shared out: the column still sums to the time spent.
         train_seconds=seconds / len(module.members),

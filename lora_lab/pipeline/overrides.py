@@ -18,7 +18,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from omegaconf import DictConfig, OmegaConf
 
-from lora_lab.pipeline.stages import STAGES
+from lora_lab.pipeline.run_config import STAGES
 
 # Top-level key → the `stages.<stage>.<shortcut>` that wins over it.
 SHORTCUTS = {

@@ -1,8 +1,8 @@
 """Scaling out: independent runs in a process pool, and a replica check for DDP training.
 
 `sweep.jobs=N` runs the runs that only depend on the pretrain checkpoint (the full finetune
-and every LoRA run) N at a time, each in a spawned worker process that calls the same
-`sweep.execute` as a serial sweep. The parent process decides what to skip, prints progress,
+and every LoRA run not fused) N at a time, each in a spawned worker process that calls the
+same `sequential.execute` as a serial sweep. The parent process decides what to skip, prints progress,
 and rebuilds `results.csv` as runs finish, so the files a sweep writes do not depend on N.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 from collections import deque
@@ -17,19 +18,24 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning as L
 import torch
+from hydra.core.utils import setup_globals
 from hydra.errors import CompactHydraException
 from lightning.pytorch.callbacks import Callback
+from omegaconf import OmegaConf
 
 from lora_lab._atomic import atomic_write_text
-from lora_lab.pipeline.console import LOG_FILE
+from lora_lab.pipeline.console import LOG_FILE, log_like_the_cli, say
+from lora_lab.pipeline.environment import environment
+from lora_lab.pipeline.plan import PlannedRun
+from lora_lab.pipeline.progress import Progress
+from lora_lab.pipeline.record import failed_result, record
+from lora_lab.pipeline.sequential import execute
 from lora_lab.pipeline.threads import POOL_ENV
-
-if TYPE_CHECKING:
-    from lora_lab.pipeline.plan import PlannedRun
+from lora_lab.results import RunResult
 
 #: Written by `ReplicaCheck` (on rank 0) into the run folder.
 REPLICAS_FILE = "replicas.json"
@@ -83,10 +89,6 @@ def _init_worker(
     """Set up a fresh pool worker: its thread budget (`workers` share the CPUs), its GPUs (the
     worker number, counted in shared memory, picks a slice of `gpu_slices`), Hydra's config
     resolvers, and logging to the terminal and the study's log file, as the parent has."""
-    from hydra.core.utils import setup_globals
-
-    from lora_lab.pipeline.console import log_like_the_cli
-
     os.environ[POOL_ENV] = str(workers)  # read by threads.ThreadBudget
     torch.set_num_threads(threads_per_job(workers))
     if log_file is not None:
@@ -101,11 +103,8 @@ def _init_worker(
     setup_globals()
 
 
-def _execute_in_worker(run: PlannedRun, study_dir: Path, pretrained: Path) -> dict[str, Any]:
-    """Pool task: one run, as a serial sweep runs it; returns its result row."""
-    from lora_lab.pipeline.environment import environment
-    from lora_lab.pipeline.sweep import execute
-
+def _execute_in_worker(run: PlannedRun, study_dir: Path, pretrained: Path) -> RunResult:
+    """Pool task: one run, as a serial sweep runs it; returns its result."""
     # The worker's own environment, so result.json records the threads this run really had.
     result, _ = execute(run, study_dir, environment(), pretrained=pretrained)
     return result
@@ -118,8 +117,8 @@ def run_in_pool(
     jobs: int,
     pretrained: Path,
     on_start: Callable[[int], None],
-    on_crash: Callable[[int, BaseException], dict[str, Any]],
-) -> Iterator[tuple[int, dict[str, Any]]]:
+    on_crash: Callable[[int, BaseException], RunResult],
+) -> Iterator[tuple[int, RunResult]]:
     """Execute independent runs `jobs` at a time in spawned worker processes.
 
     At most `jobs` runs are handed to the pool at once, so a run starts when it is submitted
@@ -156,7 +155,7 @@ def run_in_pool(
         )
 
     waiting = deque(enumerate(runs))
-    running: dict[Future[dict[str, Any]], int] = {}
+    running: dict[Future[RunResult], int] = {}
     pool = new_pool()
     try:
         while waiting or running:
@@ -180,6 +179,49 @@ def run_in_pool(
                 yield position, result
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run_pooled(
+    indices: Sequence[int], progress: Progress, env: dict[str, Any], jobs: int, pretrained: Path
+) -> None:
+    """The study's step: the planned runs at `indices`, `jobs` at a time (`run_in_pool`).
+
+    Args:
+        indices: Positions in the plan (`progress.runs`); the runs need only `pretrained`.
+        progress: The study's progress; told as each run starts and ends.
+        env: The environment recorded with a run whose worker died.
+        jobs: Runs at a time.
+        pretrained: The pretrain checkpoint.
+    """
+    if not indices:
+        return
+    runs = [progress.runs[i] for i in indices]
+    workers = min(jobs, len(runs))
+    say(
+        f"sweep.jobs={jobs}: {len(runs)} run(s), up to {workers} at a time, "
+        f"{threads_per_job(workers)} torch thread(s) each"
+    )
+    for run in runs:
+        # Several progress bars cannot share one terminal line; the run headers remain.
+        OmegaConf.update(run.cfg, "trainer.enable_progress_bar", False)
+
+    def crashed(position: int, error: BaseException) -> RunResult:
+        run = runs[position]
+        result = failed_result(run, error)
+        record(run.cfg, progress.study_dir, result, env)
+        say(f"FAILED {run.label()}: {result.error}", logging.ERROR)
+        return result
+
+    finished = run_in_pool(
+        runs,
+        progress.study_dir,
+        jobs=jobs,
+        pretrained=pretrained,
+        on_start=lambda position: progress.begin(indices[position]),
+        on_crash=crashed,
+    )
+    for position, result in finished:
+        progress.end(indices[position], result)
 
 
 def parameter_digest(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:

@@ -21,7 +21,7 @@ from lora_lab.lora import LoRAConfig, inject_lora
 from lora_lab.pipeline.config_check import ConfigError, check_config
 from lora_lab.pipeline.methods import lora_config_of, method_patch
 from lora_lab.pipeline.resume import run_identity
-from lora_lab.pipeline.stages import adapter_name_for, run_id_for, stage_config
+from lora_lab.pipeline.run_config import adapter_name_for, run_id_for, stage_config
 
 
 class StudyError(ValueError):
@@ -48,6 +48,14 @@ class PlannedRun:
     run_id: str = ""
     identity: str = ""
     adapter: str = ""
+
+    @property
+    def artefact(self) -> str:
+        """The file the run leaves for later stages and `lora-lab analyze`, relative to the
+        study: its adapter's weights, or its network weights."""
+        if self.stage == "lora":
+            return f"adapters/{self.adapter}/adapter_model.safetensors"
+        return f"checkpoints/{self.run_id}.safetensors"
 
     def label(self) -> str:
         if self.stage == "full_finetune" and self.run_id not in ("", "full_finetune"):

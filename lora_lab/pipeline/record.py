@@ -1,26 +1,134 @@
 """Record: the one place that turns a finished or failed run into a `RunResult` and writes it
-(the run's `result.json`, then the study's `results.csv`)."""
+(the run's `result.json`, then the study's `results.csv`).
+
+Every runner (sequential, fused, pool) hands its runs here: `finished_result` for a run that
+trained and tested, `failed_result` for one that did not, `record` to write either.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import pandas as pd
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lora_lab._atomic import atomic_write_text
+from lora_lab.lora import count_parameters, lora_delta_weight, lora_layers
+from lora_lab.models import ClassifierModule, read_weights
 from lora_lab.pipeline.methods import method_of
 from lora_lab.pipeline.plan import PlannedRun
+from lora_lab.pipeline.resume import CHECKPOINT_FILE
 from lora_lab.report.selection import selected_mask
-from lora_lab.results import RESULTS_CSV, find_results, results_frame, write_result
+from lora_lab.results import RESULTS_CSV, RunResult, find_results, results_frame, write_result
 
 log = logging.getLogger(__name__)
 
 
-def failed_result(run: PlannedRun, error: BaseException, pass_id: str = "") -> dict[str, Any]:
-    """The row of a run that failed (or could not start), with the error's first line.
+def tested_fields(
+    metrics: dict[str, float], module: ClassifierModule, datamodule: L.LightningDataModule
+) -> dict[str, Any]:
+    """A row's test columns from the test metrics and the module's per-class accuracy."""
+    out: dict[str, Any] = {
+        "test_loss": float(metrics["test_loss"]),
+        "test_acc": float(metrics["test_acc"]) if "test_acc" in metrics else None,
+        "per_class_acc": {},
+    }
+    per_class = module.per_class_test_acc
+    if per_class is not None:
+        indices = getattr(datamodule, "class_indices", None) or range(len(per_class))
+        names = getattr(datamodule, "class_names", None) or [str(i) for i in range(len(per_class))]
+        out["per_class_acc"] = {names[i]: round(float(per_class[i]), 6) for i in indices}
+    return out
+
+
+def relative_delta_error(
+    module: ClassifierModule, datamodule: Any, pretrained: Path | None
+) -> float | None:
+    """‖ΔW_learned − ΔW_true‖_F / ‖ΔW_true‖_F when the task knows its true update."""
+    true_delta = getattr(datamodule, "true_delta", None)
+    if true_delta is None or pretrained is None:
+        return None
+    layers = lora_layers(module.network)
+    if layers:
+        (layer,) = layers.values()
+        learned = lora_delta_weight(layer).detach()
+    else:
+        (name,) = [n for n, p in module.network.named_parameters() if p.ndim == 2]
+        learned = module.network.get_parameter(name).detach() - read_weights(pretrained)[name]
+    true_delta = true_delta.to(learned)
+    return float(torch.linalg.norm(learned - true_delta) / torch.linalg.norm(true_delta))
+
+
+def finished_result(
+    run_cfg: DictConfig,
+    module: ClassifierModule,
+    datamodule: Any,
+    tested: dict[str, Any],
+    *,
+    source_test_acc: float | None,
+    train_seconds: float,
+    epochs: int,
+    identity: str | None,
+    pretrained: Path | None,
+    artefact: str,
+    pass_id: str = "",
+    val_acc: float | None = None,
+) -> RunResult:
+    """The result of a run that trained and tested.
+
+    Args:
+        run_cfg: The run's config, with `run_id` set.
+        module: The trained module.
+        datamodule: Its data (for the fingerprint and, on the linear-shift task, ΔW's error).
+        tested: From `tested_fields`.
+        source_test_acc: Pretrain only: the accuracy on its own task.
+        train_seconds: Time spent training (a fused pass's time shared out over its runs).
+        epochs: Finished epochs.
+        identity: The run's identity.
+        pretrained: The weights the run started from.
+        artefact: The adapter folder or weights file the run saved, relative to the study.
+        pass_id: The training pass that trained it; "" for a run trained on its own.
+        val_acc: The validation accuracy after the last epoch (what learning rates are chosen
+            by; None for regression).
+    """
+    stage, run_id = run_cfg.stage, run_cfg.run_id
+    counts = count_parameters(module.network)
+    fingerprint = getattr(datamodule, "fingerprint", None)
+    delta_error = relative_delta_error(module, datamodule, pretrained)
+    result = RunResult(
+        run_id=run_id,
+        stage=stage,
+        rank=int(run_cfg.lora.rank) if stage == "lora" else None,
+        alpha=float(run_cfg.lora.alpha) if stage == "lora" else None,
+        seed=int(run_cfg.seed),
+        learning_rate=float(run_cfg.module.optimizer.lr),
+        method=method_of(run_cfg.lora) if stage == "lora" else None,
+        trainable_params=counts["trainable"],
+        total_params=counts["total"],
+        val_acc=None if val_acc is None else float(val_acc),
+        source_test_acc=source_test_acc,
+        train_seconds=round(train_seconds, 3),
+        epochs=epochs,
+        run_dir=f"runs/{run_id}",
+        pass_id=pass_id or run_id,
+        extra={} if delta_error is None else {"delta_rel_error": delta_error},
+        identity=identity,
+        artefact=artefact,
+        data_fingerprint=fingerprint() if callable(fingerprint) else None,
+        **tested,
+    )
+    if result.test_loss is not None and not math.isfinite(result.test_loss):
+        result.status, result.error = "failed", "test loss is not finite"
+    return result
+
+
+def failed_result(run: PlannedRun, error: BaseException, pass_id: str = "") -> RunResult:
+    """The result of a run that failed (or could not start), with the error's first line.
 
     Args:
         run: The planned run.
@@ -28,30 +136,29 @@ def failed_result(run: PlannedRun, error: BaseException, pass_id: str = "") -> d
         pass_id: The training pass it belonged to; "" for a run trained on its own.
     """
     text = str(error).strip()
-    return {
-        "run_id": run.run_id,
-        "stage": run.stage,
-        "rank": run.rank,
-        "alpha": float(run.cfg.lora.alpha) if run.stage == "lora" else None,
-        "seed": run.seed,
-        "learning_rate": float(run.cfg.module.optimizer.lr),
-        "method": method_of(run.cfg.lora) if run.stage == "lora" else None,
-        "run_dir": f"runs/{run.run_id}",
-        "pass": pass_id or run.run_id,
-        "status": "failed",
-        "error": f"{type(error).__name__}: {text.splitlines()[0] if text else ''}",
-        "identity": run.identity,
-    }
+    return RunResult(
+        run_id=run.run_id,
+        stage=run.stage,
+        rank=run.rank,
+        alpha=float(run.cfg.lora.alpha) if run.stage == "lora" else None,
+        seed=run.seed,
+        learning_rate=float(run.cfg.module.optimizer.lr),
+        method=method_of(run.cfg.lora) if run.stage == "lora" else None,
+        run_dir=f"runs/{run.run_id}",
+        pass_id=pass_id or run.run_id,
+        status="failed",
+        error=f"{type(error).__name__}: {text.splitlines()[0] if text else ''}",
+        identity=run.identity,
+    )
 
 
-def record(
-    run_cfg: DictConfig, study_dir: Path, result: dict[str, Any], env: dict[str, Any]
-) -> None:
-    """Write a run's `result.json` (with its resolved config and environment)."""
-    full = dict(result)
-    full["config"] = OmegaConf.to_container(run_cfg, resolve=True)
-    full["environment"] = env
-    write_result(study_dir / result["run_dir"], full)
+def record(run_cfg: DictConfig, study_dir: Path, result: RunResult, env: dict[str, Any]) -> None:
+    """Write a run's `result.json` (with its resolved config and environment). A finished
+    run's resume checkpoint has done its job once the result is on disk: it is removed."""
+    config = OmegaConf.to_container(run_cfg, resolve=True)
+    write_result(study_dir / result.run_dir, result.to_record(config=config, environment=env))
+    if result.ok:
+        (study_dir / result.run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
 
 
 def write_results_csv(root: str | Path) -> tuple[pd.DataFrame, list[str]]:

@@ -27,6 +27,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
@@ -53,8 +54,6 @@ def cpu_budget() -> int:
 
 def launcher_jobs() -> int:
     """The joblib launcher's `n_jobs` when this is a job of a `-m hydra/launcher=joblib` run."""
-    from hydra.core.hydra_config import HydraConfig
-
     if not HydraConfig.initialized():
         return 1
     launcher = HydraConfig.get().get("launcher") or {}

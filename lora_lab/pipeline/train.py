@@ -13,7 +13,9 @@ from lora_lab.pipeline.config_check import check_config
 from lora_lab.pipeline.environment import environment
 from lora_lab.pipeline.plan import check_builds, check_data, check_lora
 from lora_lab.pipeline.record import record, write_results_csv
-from lora_lab.pipeline.stages import StageRun, run_stage, stage_config
+from lora_lab.pipeline.run_config import stage_config
+from lora_lab.pipeline.sequential import StageRun, run_stage
+from lora_lab.results import RunResult
 
 
 def train_preflight(cfg: DictConfig, build_trainer: bool = True) -> Path | None:
@@ -44,14 +46,14 @@ def train_preflight(cfg: DictConfig, build_trainer: bool = True) -> Path | None:
     return pretrained
 
 
-def train(cfg: DictConfig, study_dir: Path) -> tuple[dict[str, Any], StageRun]:
+def train(cfg: DictConfig, study_dir: Path) -> tuple[RunResult, StageRun]:
     """Run the stage `cfg.stage` into `study_dir` and record its result.
 
     The finetune stages start from `cfg.pretrain_ckpt`. Errors are raised (not recorded),
     since a single run has no sweep to carry on with.
 
     Returns:
-        The result row and the objects that produced it.
+        The result and the objects that produced it.
     """
     pretrained = train_preflight(cfg)
     stage = cfg.stage

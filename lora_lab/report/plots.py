@@ -69,7 +69,7 @@ def rank_plot_dimensions(df: pd.DataFrame, tuned: bool = False) -> tuple[str | N
 
     Returns:
         ``(hue, facet)``: the first varying one of ``method``, ``alpha`` (or
-        ``alpha_per_rank``, see :func:`~lora_lab.report.results.varying_lora_dims`) and
+        ``alpha_per_rank``, see :func:`~lora_lab.report.labels.varying_lora_dims`) and
         ``learning_rate`` as hue, the second (if any) as one panel per value: methods are
         told apart by colour, and alpha interacts with rank through the α/r scaling.
     """

@@ -11,8 +11,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from lora_lab.data import CIFAR10DataModule, DataError, FashionMNISTDataModule, MNISTDataModule
-from lora_lab.pipeline import stages
-from lora_lab.pipeline.stages import stage_config
+from lora_lab.pipeline import record
+from lora_lab.pipeline.run_config import stage_config
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 TOPS = ["Shirt", "Pullover", "Coat"]
@@ -74,7 +74,7 @@ def test_per_class_results_cover_the_test_classes() -> None:
     """The pipeline's per_class_acc reports every tested class, not only the trained ones."""
     dm = FashionMNISTDataModule(classes=TOPS, test_classes="all")
     module = SimpleNamespace(per_class_test_acc=torch.linspace(0, 0.9, 10))
-    fields = stages.test_fields({"test_loss": 1.0, "test_acc": 0.5}, module, dm)  # type: ignore[arg-type]
+    fields = record.tested_fields({"test_loss": 1.0, "test_acc": 0.5}, module, dm)  # type: ignore[arg-type]
     assert list(fields["per_class_acc"]) == dm.class_names
     assert fields["per_class_acc"]["Ankle boot"] == pytest.approx(0.9)
 

@@ -16,7 +16,7 @@ from lora_lab.lora import LoRAConfig
 from lora_lab.models import lora_variant, save_network_weights
 from lora_lab.pipeline import plan, stage_config
 from lora_lab.pipeline.methods import lora_config_of
-from lora_lab.pipeline.stages import build_module
+from lora_lab.pipeline.sequential import build_module
 from tests.pipeline.conftest import BASE_EXPERIMENT
 
 

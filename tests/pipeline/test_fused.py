@@ -26,10 +26,10 @@ from lora_lab.lora import LoRAConfig, inject_lora, load_adapter, lora_layers
 from lora_lab.lora.grouped import GroupedLoRALinear, cross_entropy_per_adapter, group_networks
 from lora_lab.models import MLP, save_network_weights
 from lora_lab.models.fused import FusedLoRAModule
-from lora_lab.pipeline import fused
+from lora_lab.pipeline import fused, fusion
+from lora_lab.pipeline.checkpointing import epoch_checkpoint
 from lora_lab.pipeline.plan import PlannedRun, plan
-from lora_lab.pipeline.stages import epoch_checkpoint
-from lora_lab.pipeline.sweep import execute
+from lora_lab.pipeline.sequential import execute
 
 PLATEAU = (
     "module.scheduler={_target_:torch.optim.lr_scheduler.ReduceLROnPlateau,"
@@ -82,8 +82,12 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     )
     runs = lora_runs(cfg)
     pretrained = base_weights(cfg, folder)
-    fused_rows = fused.run_fused_group(runs, folder / "fused", pretrained, {})
-    sequential_rows = [execute(run, folder / "seq", {}, pretrained=pretrained)[0] for run in runs]
+    fused_rows = [
+        r.to_record() for r in fused.run_fused_group(runs, folder / "fused", pretrained, {})
+    ]
+    sequential_rows = [
+        execute(run, folder / "seq", {}, pretrained=pretrained)[0].to_record() for run in runs
+    ]
     return SimpleNamespace(
         folder=folder, runs=runs, fused=fused_rows, sequential=sequential_rows, cfg=cfg
     )
@@ -214,7 +218,7 @@ def test_runs_that_cannot_fuse_say_why(tmp_path: Path, caplog: pytest.LogCapture
     runs = lora_runs(composed(tmp_path, "sweep.ranks=[1,2,4]"))
     with open_dict(runs[2].cfg):
         runs[2].cfg.trainer.max_epochs = 7
-    groups, alone = fused.fusable(runs)
+    groups, alone = fusion.fusable(runs)
     assert groups == [runs[:2]]
     assert [run for run, _ in alone] == [runs[2]]
     assert "trainer.max_epochs" in alone[0][1]
@@ -224,11 +228,11 @@ def test_runs_that_cannot_fuse_say_why(tmp_path: Path, caplog: pytest.LogCapture
         runs[2].cfg.module.optimizer.lr = 0.5
         runs[2].cfg.lora.use_rslora = True
         runs[2].cfg.lora.init = "gaussian"
-    assert fused.fusable(runs) == ([runs], [])
+    assert fusion.fusable(runs) == ([runs], [])
     for run in runs:
         with open_dict(run.cfg):
             run.cfg.trainer.gradient_clip_val = 1.0
-    groups, alone = fused.fusable(runs)
+    groups, alone = fusion.fusable(runs)
     assert groups == [] and len(alone) == 3
     assert "trainer.gradient_clip_val=1.0: Lightning clips gradients only" in alone[0][1]
 
@@ -249,17 +253,17 @@ def test_runs_that_cannot_fuse_say_why(tmp_path: Path, caplog: pytest.LogCapture
 
 def test_seeds_fuse_only_when_they_share_the_data(tmp_path: Path):
     runs = lora_runs(composed(tmp_path, "sweep.ranks=[1,2]", "sweep.seeds=[0,1]"))
-    groups, alone = fused.fusable(runs)
+    groups, alone = fusion.fusable(runs)
     assert [[(r.rank, r.seed) for r in group] for group in groups] == [
         [(1, 0), (2, 0)],
         [(1, 1), (2, 1)],
     ]
     assert alone == []
     one_rank = lora_runs(composed(tmp_path, "sweep.ranks=[4]", "sweep.seeds=[0,1]"))
-    groups, alone = fused.fusable(one_rank)
+    groups, alone = fusion.fusable(one_rank)
     assert groups == [] and all("data.seed" in reason for _, reason in alone)
     fixed = lora_runs(composed(tmp_path, "sweep.ranks=[4]", "sweep.seeds=[0,1]", "data.seed=0"))
-    assert fused.fusable(fixed) == ([fixed], [])
+    assert fusion.fusable(fixed) == ([fixed], [])
 
 
 def test_a_diverging_adapter_fails_alone(tmp_path: Path):
@@ -268,8 +272,8 @@ def test_a_diverging_adapter_fails_alone(tmp_path: Path):
     with open_dict(runs[1].cfg):
         runs[1].cfg.lora.alpha = 1e20  # its loss overflows within a few steps
     rows = fused.run_fused_group(runs, tmp_path / "study", base_weights(cfg, tmp_path), {})
-    assert rows[0]["status"] == "ok" and math.isfinite(rows[0]["test_loss"])
-    assert rows[1]["status"] == "failed" and "not finite" in rows[1]["error"]
+    assert rows[0].status == "ok" and math.isfinite(rows[0].test_loss)
+    assert rows[1].status == "failed" and "not finite" in rows[1].error
     assert not (tmp_path / "study" / "adapters" / "rank_2_seed_0").exists()
 
 
@@ -277,7 +281,7 @@ def test_convnet_adapters_behind_shared_convolutions_fuse(tmp_path: Path):
     # all-linear wraps fc1, fc2 and head: the frozen convolutions run once for all adapters.
     cfg = composed(tmp_path, "model=convnet", "sweep.ranks=[1,4]")
     runs = lora_runs(cfg)
-    assert fused.fusable(runs) == ([runs], [])
+    assert fusion.fusable(runs) == ([runs], [])
     _, module, _ = fused.build_pass(runs, tmp_path / "study", base_weights(cfg, tmp_path))
     assert type(module.grouped.conv1) is nn.Conv2d  # frozen, run once on the shared batch
     assert isinstance(module.grouped.fc1, GroupedLoRALinear)
@@ -310,7 +314,7 @@ def test_a_rank_alpha_lr_grid_trains_exactly_as_sequential_runs(tmp_path: Path):
         "_partial_:true,patience:0,factor:0.5,threshold_mode:abs,threshold:-1e-3}",
     )
     runs = lora_runs(cfg)
-    assert len(runs) == 8 and fused.fusable(runs) == ([runs], [])
+    assert len(runs) == 8 and fusion.fusable(runs) == ([runs], [])
     pretrained = base_weights(cfg, tmp_path)
     members, module, datamodule = fused.build_pass(runs, tmp_path / "fused", pretrained)
     trainer = instantiate(members[0].cfg.trainer, logger=False, enable_checkpointing=False)
@@ -343,7 +347,7 @@ def test_the_planner_fuses_on_any_accelerator_and_precision(
     plan_module = importlib.import_module("lora_lab.pipeline.plan")  # the module, not plan()
     monkeypatch.setattr(plan_module, "check_builds", lambda *args: None)
     runs = lora_runs(composed(tmp_path, "sweep.ranks=[1,2,4]", *overrides))
-    assert fused.fusable(runs) == ([runs], [])
+    assert fusion.fusable(runs) == ([runs], [])
 
 
 def test_a_bf16_mixed_pass_trains_under_lightning_autocast(tmp_path: Path):
@@ -351,9 +355,9 @@ def test_a_bf16_mixed_pass_trains_under_lightning_autocast(tmp_path: Path):
     rows = fused.run_fused_group(
         lora_runs(cfg), tmp_path / "study", base_weights(cfg, tmp_path), {}
     )
-    assert [row["status"] for row in rows] == ["ok", "ok"]
-    assert rows[0]["pass"] == rows[1]["pass"] and rows[0]["pass"].startswith("fused_")
-    assert all(math.isfinite(row["test_loss"]) for row in rows)
+    assert [row.status for row in rows] == ["ok", "ok"]
+    assert rows[0].pass_id == rows[1].pass_id and rows[0].pass_id.startswith("fused_")
+    assert all(math.isfinite(row.test_loss) for row in rows)
 
 
 def test_under_autocast_small_adapter_updates_still_count():

@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 
 from lora_lab.cli import CONF_DIR, main
 from lora_lab.models import MLP
-from lora_lab.pipeline import fused
+from lora_lab.pipeline import fusion
 from lora_lab.pipeline.methods import available_methods
 from lora_lab.pipeline.plan import plan
-from lora_lab.pipeline.stages import build_module
+from lora_lab.pipeline.sequential import build_module
 from lora_lab.report.tables import method_comparison
 from tests.pipeline.conftest import BASE_EXPERIMENT
 
@@ -61,7 +61,7 @@ def test_a_method_sets_only_its_own_keys_over_the_study_settings():
 
 def test_methods_fuse_where_the_maths_allows_and_say_why_not():
     runs = [run for run in plan(composed(ALL, "sweep.ranks=[1,2]")) if run.stage == "lora"]
-    groups, alone = fused.fusable(runs)
+    groups, alone = fusion.fusable(runs)
     assert [{run.method for run in group} for group in groups] == [{"default", "rslora"}]
     reasons = {run.method: why for run, why in alone}
     assert "DoRA adapters do not fuse" in reasons["dora"]

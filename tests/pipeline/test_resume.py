@@ -293,7 +293,7 @@ def test_every_resume_checkpoint_finds_its_epochs_rows_already_on_disk(tmp_path,
     the resumed run only logs the epochs after the checkpoint."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from lora_lab.pipeline import stages
+    from lora_lab.pipeline import checkpointing
 
     seen: list[tuple[int, list[int]]] = []
 
@@ -306,7 +306,7 @@ def test_every_resume_checkpoint_finds_its_epochs_rows_already_on_disk(tmp_path,
             logged = sorted(trained.epoch.astype(int).tolist()) if len(trained) else []
             seen.append((trainer.current_epoch, logged))
 
-    monkeypatch.setattr(stages, "ModelCheckpoint", Recording)
+    monkeypatch.setattr(checkpointing, "ModelCheckpoint", Recording)
     args = [*tiny_study_overrides(tmp_path), f"output_dir={tmp_path / 'study'}"]
     assert main(["sweep", *args, "sweep.ranks=[1]", "stages.lora.max_epochs=3"]) == 0
     lora_saves = seen[2:]  # after pretrain's and full finetune's single epoch

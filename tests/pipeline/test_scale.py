@@ -253,7 +253,7 @@ def test_pool_records_a_dead_worker_and_goes_on(tmp_path: Path, tiny_overrides: 
     assert started == [0, 1] and crashes == [0]
     assert results[0] == {"run_id": "dies", "status": "failed", "error": "BrokenProcessPool"}
     # The pool was rebuilt: the next run ran in a new worker, failed normally, and was recorded.
-    assert results[1]["status"] == "failed" and results[1]["run_id"] == "fails"
+    assert results[1].status == "failed" and results[1].run_id == "fails"
     recorded = json.loads((tmp_path / "study" / "runs" / "fails" / "result.json").read_text())
     assert recorded["status"] == "failed"
 

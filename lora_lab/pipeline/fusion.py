@@ -1,0 +1,139 @@
+"""Which LoRA runs can train fused (`sweep.fused=true`), and why the others cannot.
+
+What makes a group: equal resolved `data`, `model`, `module` and `trainer` configs, apart
+from what each adapter owns: `lora.rank`, `lora.alpha`, `lora.use_rslora`, `lora.init`,
+`lora.dropout` and the optimizer and scheduler (`module.optimizer.lr` above all). The seed is
+free, but `data.seed` follows it (it draws the validation split and the batch order), so runs
+of different seeds form separate groups, each seeing exactly the data its sequential runs see;
+fix `data.seed` to fuse across seeds. The fused runner (`fused`) trains each group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lora_lab.lora import inject_lora
+from lora_lab.lora.grouped import GroupingError, check_groupable
+from lora_lab.pipeline.methods import lora_config_of
+from lora_lab.pipeline.plan import PlannedRun
+from lora_lab.pipeline.resume import flatten
+
+# What each member owns: these may differ within a group.
+# `init` is the adapter's own except for PiSSA, which also changes the frozen base (the key
+# records `pissa` apart: those runs never join a group of others).
+OWN_LORA_KEYS = ("rank", "alpha", "use_rslora", "init", "dropout", "method")
+OWN_MODULE_KEYS = ("optimizer", "scheduler")
+# Trainer options that manual optimization (one optimizer per member) cannot honour.
+UNSUPPORTED_TRAINER = {
+    "gradient_clip_val": "Lightning clips gradients only under automatic optimization",
+    "accumulate_grad_batches": "Lightning accumulates gradients only under automatic optimization",
+    "max_steps": "a fused pass counts one optimizer step per member, so max_steps would end it early",
+}
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def _fusion_key(run_cfg: DictConfig) -> dict[str, Any]:
+    """Everything that must be equal for runs to share one pass."""
+    key = {group: _plain(run_cfg[group]) for group in ("data", "model", "trainer")}
+    key["module"] = {k: v for k, v in _plain(run_cfg.module).items() if k not in OWN_MODULE_KEYS}
+    key["lora"] = {k: v for k, v in _plain(run_cfg.lora).items() if k not in OWN_LORA_KEYS}
+    key["lora"]["pissa"] = run_cfg.lora.get("init") == "pissa"
+    return key
+
+
+def _differences(key: dict[str, Any], other: dict[str, Any]) -> list[str]:
+    mine, theirs = flatten(key), flatten(other)
+    return sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+
+
+def _unsupported(run_cfg: DictConfig) -> str | None:
+    """Why runs with this config cannot be fused, or None if they can."""
+    trainer = _plain(run_cfg.trainer)
+    allowed = {"gradient_clip_val": (None, 0), "accumulate_grad_batches": (None, 1)}
+    allowed["max_steps"] = (None, -1)
+    for key, why in UNSUPPORTED_TRAINER.items():
+        if trainer.get(key) not in allowed[key]:
+            return f"trainer.{key}={trainer[key]!r}: {why}"
+    if str(trainer.get("precision")) in ("16-mixed", "16", "16-true"):
+        # Lightning's gradient scaler updates after every optimizer step: K times a batch.
+        return (
+            f"trainer.precision={trainer['precision']!r}: the fp16 gradient scaler would update "
+            "once per member; fused passes run in 32-true, bf16-mixed or bf16-true"
+        )
+    if run_cfg.lora.get("loraplus_lr_ratio") is not None:
+        return (
+            f"lora.loraplus_lr_ratio={run_cfg.lora.loraplus_lr_ratio}: LoRA+ gives B its own "
+            "learning rate, and a fused pass gives each member one"
+        )
+    network = instantiate(run_cfg.model)
+    inject_lora(network, lora_config_of(run_cfg.lora))
+    try:
+        check_groupable([network])
+    except GroupingError as error:
+        return str(error)
+    return None
+
+
+def fusable(
+    runs: Sequence[PlannedRun],
+) -> tuple[list[list[PlannedRun]], list[tuple[PlannedRun, str]]]:
+    """Split runs into groups that train fused and runs that must run alone, with the reason.
+
+    Args:
+        runs: Planned runs (normally the LoRA runs of a study), in plan order.
+
+    Returns:
+        `(groups, alone)`: groups of ≥ 2 LoRA runs, and `(run, one-line reason)` for the rest.
+    """
+    alone: list[tuple[PlannedRun, str]] = []
+    buckets: list[tuple[dict[str, Any], list[PlannedRun]]] = []
+    for run in runs:
+        if run.stage != "lora":
+            alone.append((run, "only LoRA runs are fused"))
+            continue
+        key = _fusion_key(run.cfg)
+        match = next((members for other, members in buckets if other == key), None)
+        if match is None:
+            buckets.append((key, [run]))
+        else:
+            match.append(run)
+    groups: list[list[PlannedRun]] = []
+    for key, members in buckets:
+        if len(members) == 1:
+            alone.append((members[0], _why_alone(key, members, buckets)))
+            continue
+        reason = _unsupported(members[0].cfg)
+        if reason is None:
+            groups.append(members)
+        else:
+            alone.extend((member, reason) for member in members)
+    return groups, alone
+
+
+def _why_alone(
+    key: dict[str, Any],
+    members: list[PlannedRun],
+    buckets: list[tuple[dict[str, Any], list[PlannedRun]]],
+) -> str:
+    others = [other for other, group in buckets if group is not members]
+    if not others:
+        return "no other run to fuse with"
+    differ = min((_differences(key, other) for other in others), key=len)
+    why = " (each seed draws its own split and batch order)" if differ == ["data.seed"] else ""
+    return f"its {', '.join(differ)} differ from the other runs'{why}"
+
+
+def describe(runs: Sequence[PlannedRun]) -> str:
+    """`lora ranks 1,2,4 seed 0` for a list of runs."""
+    ranks = ",".join(str(r) for r in dict.fromkeys(run.rank for run in runs))
+    seeds = ",".join(str(s) for s in dict.fromkeys(run.seed for run in runs))
+    return (
+        f"lora rank{'s' if ',' in ranks else ''} {ranks} seed{'s' if ',' in seeds else ''} {seeds}"
+    )

@@ -1,0 +1,311 @@
+"""The sequential runner: one run of a stage (pretrain, full finetune or LoRA) under its own
+Lightning Trainer, and `execute`, which runs a planned run and records it, failed or not.
+
+A run is: its config → DataModule + network → LightningModule → a fresh Trainer → fit → test
+→ artefact (weights or adapter) → a `RunResult`. `run_stage` returns the result and the built
+objects so tests can inspect them.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import traceback
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from lora_lab.lora import save_adapter
+from lora_lab.models import (
+    ClassifierModule,
+    load_network_weights,
+    lora_variant,
+    save_network_weights,
+)
+from lora_lab.pipeline.checkpointing import (
+    FinishedEpochs,
+    epoch_checkpoint,
+    log_before,
+    prepend_log,
+    resume_point,
+)
+from lora_lab.pipeline.console import progress_options, say
+from lora_lab.pipeline.methods import lora_config_of, loraplus_ratio_of
+from lora_lab.pipeline.plan import PlannedRun
+from lora_lab.pipeline.progress import Progress
+from lora_lab.pipeline.record import failed_result, finished_result, record, tested_fields
+from lora_lab.pipeline.run_config import adapter_name_for, run_id_for
+from lora_lab.pipeline.threads import ThreadBudget
+from lora_lab.results import RunResult
+
+log = logging.getLogger(__name__)
+
+# Lightning prints a banner per Trainer and warns about num_workers=0 even though our batches
+# are prebuilt tensors; for a sweep of many short runs that is noise, not information.
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
+# A resumed or redone run reuses its folder on purpose (its log is merged back, see below).
+warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
+warnings.filterwarnings(
+    "ignore", message=r".*Experiment logs directory .* exists and is not empty.*"
+)
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+
+
+@dataclass
+class StageRun:
+    """What one run produced: its result and the objects that made it."""
+
+    result: RunResult
+    module: ClassifierModule
+    datamodule: L.LightningDataModule
+    trainer: L.Trainer
+
+
+def build_module(
+    run_cfg: DictConfig, network: torch.nn.Module, pretrained: Path | None
+) -> ClassifierModule:
+    """Instantiate the stage's LightningModule (the LoRA subclass for the LoRA stage)."""
+    stage = run_cfg.stage
+    if stage != "pretrain" and pretrained is None:
+        raise ValueError(f"stage={stage} needs pretrain_ckpt=<weights file>; none was given")
+    if stage == "lora":
+        lora_class = lora_variant(get_class(run_cfg.module._target_))
+        lora_config = lora_config_of(run_cfg.lora)
+        # Built objects go to the partial, not through instantiate's kwargs (which would turn
+        # the LoRAConfig dataclass into a config node).
+        factory = instantiate(
+            run_cfg.module,
+            _target_=f"{lora_class.__module__}.{lora_class.__qualname__}",
+            _partial_=True,
+        )
+        return factory(
+            network=network,
+            lora=lora_config,
+            pretrained=str(pretrained),
+            loraplus_lr_ratio=loraplus_ratio_of(run_cfg.lora),
+        )
+    if stage == "full_finetune":
+        load_network_weights(network, pretrained)
+    return instantiate(run_cfg.module, network=network)
+
+
+def run_test(
+    trainer: L.Trainer, module: ClassifierModule, datamodule: L.LightningDataModule
+) -> dict[str, Any]:
+    """Test a trained module; returns its result's test columns (see `tested_fields`)."""
+    metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    return tested_fields(metrics, module, datamodule)
+
+
+def single_device_trainer(run_cfg: DictConfig, run_dir: Path) -> L.Trainer:
+    """A one-device Trainer for testing after a multi-device fit.
+
+    As Lightning advises, so that every test example counts once (a DistributedSampler pads
+    the test set to a multiple of the device count); and it runs in this process, so the
+    per-class accuracy the module keeps as an attribute is not lost in a spawned worker. No
+    logger: a CSV logger created here would replace the metrics.csv the workers wrote.
+    """
+    trainer_cfg = copy.deepcopy(run_cfg.trainer)
+    with open_dict(trainer_cfg):
+        trainer_cfg.strategy, trainer_cfg.devices, trainer_cfg.num_nodes = "auto", 1, 1
+        trainer_cfg.pop("callbacks", None)
+    return instantiate(
+        trainer_cfg,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=str(run_dir),
+    )
+
+
+def _trainer(
+    run_cfg: DictConfig, run_dir: Path, identity: str | None, run_id: str
+) -> tuple[L.Trainer, Path | None, int]:
+    """The run's Trainer, and where it resumes: `(trainer, last.ckpt or None, epochs held)`."""
+    loggers = [instantiate(c) for c in run_cfg.logger.values()] if run_cfg.get("logger") else []
+    # Callbacks listed in the trainer config (e.g. trainer=ddp's replica check) come first.
+    callbacks: list[Callback] = list(instantiate(run_cfg.trainer.get("callbacks")) or [])
+    callbacks += [FinishedEpochs(), ThreadBudget(run_cfg)]
+    resume_from, epoch = None, 0
+    if identity is not None:
+        resume_from, epoch = resume_point(run_dir, identity, run_id)
+        callbacks.append(epoch_checkpoint(run_dir))
+    progress, progress_callbacks = progress_options(run_cfg.trainer, run_id)
+    trainer = instantiate(
+        run_cfg.trainer,
+        logger=loggers,
+        callbacks=callbacks + progress_callbacks,
+        enable_checkpointing=bool(callbacks),
+        default_root_dir=str(run_dir),
+        **progress,
+    )
+    return trainer, resume_from, epoch
+
+
+def _test_stage(
+    run_cfg: DictConfig,
+    trainer: L.Trainer,
+    module: ClassifierModule,
+    datamodule: L.LightningDataModule,
+    target_data: DictConfig | None,
+) -> tuple[dict[str, Any], float | None]:
+    """Test columns, and for pretrain its own task's accuracy when the finetune data differ."""
+    run_dir = Path(run_cfg.run_dir)
+    tester = trainer if trainer.world_size == 1 else single_device_trainer(run_cfg, run_dir)
+    tested = run_test(tester, module, datamodule)
+    if run_cfg.stage != "pretrain":
+        return tested, None
+    source_test_acc = tested["test_acc"]
+    if target_data is not None and OmegaConf.to_container(
+        target_data, resolve=True
+    ) != OmegaConf.to_container(run_cfg.data, resolve=True):
+        tested = run_test(tester, module, instantiate(target_data))
+    return tested, source_test_acc
+
+
+def run_stage(
+    run_cfg: DictConfig,
+    study_dir: Path,
+    *,
+    pretrained: Path | None = None,
+    target_data: DictConfig | None = None,
+    identity: str | None = None,
+    run_id: str | None = None,
+    adapter_name: str | None = None,
+) -> StageRun:
+    """Train and test one run; save its weights or adapter; return its result.
+
+    Args:
+        run_cfg: A config from `stage_config` (its `stage`, `seed`, `lora.rank` are this run's).
+        study_dir: The study folder: runs go to `runs/<run_id>/`, pretrain and full-finetune
+            weights to `checkpoints/`, adapters to `adapters/rank_<r>_seed_<s>/`.
+        pretrained: Weights the finetune stages start from.
+        target_data: For pretrain, the finetune stages' data config: when it differs from the
+            pretrain data, `test_acc` is measured on it (accuracy before finetuning) and the
+            pretrain task's own accuracy goes to `source_test_acc`.
+        identity: The run's identity (`resume.run_identity`). With one, the run saves
+            `last.ckpt` at the end of every epoch (only the latest is kept) and resumes from
+            a `last.ckpt` left by an interrupted run with the same identity.
+        run_id: The run's folder name; None derives it from stage, rank, alpha and seed.
+        adapter_name: The LoRA adapter's folder under `adapters/`; None: `rank_<r>_seed_<s>`.
+
+    Under a multi-process strategy (`trainer=ddp`) only `fit` runs in the spawned processes;
+    everything else, every file write included, happens in this process, which is rank 0's
+    parent. Testing then runs here on one device (see `single_device_trainer`).
+    """
+    stage, seed = run_cfg.stage, int(run_cfg.seed)
+    rank = int(run_cfg.lora.rank) if stage == "lora" else None
+    alpha = float(run_cfg.lora.alpha) if stage == "lora" else None
+    run_id = run_id or run_id_for(stage, rank, alpha, seed)
+    run_dir = study_dir / "runs" / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open_dict(run_cfg):
+        run_cfg.run_id, run_cfg.run_dir = run_id, str(run_dir)
+
+    L.seed_everything(seed, workers=True, verbose=False)
+    datamodule = instantiate(run_cfg.data)
+    module = build_module(run_cfg, instantiate(run_cfg.model), pretrained)
+    trainer, resume_from, epoch = _trainer(run_cfg, run_dir, identity, run_id)
+    start = time.perf_counter()
+    earlier_log = log_before(run_dir, epoch if resume_from else 0)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+    train_seconds = time.perf_counter() - start
+    if earlier_log is not None:
+        prepend_log(run_dir, earlier_log)
+
+    epochs = int(trainer.callback_metrics.get(FinishedEpochs.KEY, trainer.current_epoch))
+    val_acc = trainer.callback_metrics.get("val_acc")  # the last epoch's; read before testing
+    tested, source_test_acc = _test_stage(run_cfg, trainer, module, datamodule, target_data)
+    if stage == "lora":
+        artefact = f"adapters/{adapter_name or adapter_name_for(int(rank or 0), seed)}"
+        save_adapter(module.network, study_dir / artefact)
+    else:
+        artefact = f"checkpoints/{run_id}.safetensors"
+        save_network_weights(module.network, study_dir / artefact)
+    result = finished_result(
+        run_cfg,
+        module,
+        datamodule,
+        tested,
+        source_test_acc=source_test_acc,
+        train_seconds=train_seconds,
+        epochs=epochs,
+        identity=identity,
+        pretrained=pretrained,
+        artefact=artefact,
+        val_acc=None if val_acc is None else float(val_acc),
+    )
+    return StageRun(result=result, module=module, datamodule=datamodule, trainer=trainer)
+
+
+def execute(
+    run: PlannedRun, study_dir: Path, env: dict[str, Any], **kwargs: Any
+) -> tuple[RunResult, StageRun | None]:
+    """Run one planned run and record it; a failure is caught and recorded as a failed result,
+    so the study can go on.
+
+    Args:
+        run: The planned run.
+        study_dir: The study folder.
+        env: The environment recorded with the result.
+        **kwargs: `pretrained` or `target_data`, as `run_stage` takes them.
+    """
+    try:
+        stage_run = run_stage(
+            copy.deepcopy(run.cfg),
+            study_dir,
+            identity=run.identity,
+            run_id=run.run_id,
+            adapter_name=run.adapter or None,
+            **kwargs,
+        )
+        result = stage_run.result
+    except Exception as error:  # a failed run is a result, not the end of the study
+        log.debug("run %s failed", run.label(), exc_info=True)
+        result, stage_run = failed_result(run, error), None
+        say(f"FAILED {run.label()}: {result.error}", logging.ERROR)
+        if logging.getLogger("lora_lab").isEnabledFor(logging.DEBUG):
+            traceback.print_exc()
+    record(run.cfg, study_dir, result, env)
+    return result, stage_run
+
+
+def run_sequential(
+    indices: Sequence[int], progress: Progress, env: dict[str, Any], **kwargs: Any
+) -> None:
+    """Run the planned runs at `indices` one after another, each under its own Trainer.
+
+    Args:
+        indices: Positions in the plan (`progress.runs`).
+        progress: The study's progress; told as each run starts and ends.
+        env: The environment recorded with each result.
+        **kwargs: `pretrained` or `target_data`, as `run_stage` takes them.
+    """
+    for index in indices:
+        progress.begin(index)
+        result, _ = execute(progress.runs[index], progress.study_dir, env, **kwargs)
+        progress.end(index, result)
+
+
+def record_skipped(
+    indices: Sequence[int], progress: Progress, env: dict[str, Any], why: str
+) -> None:
+    """Record the runs at `indices` as failed without running them (their input is missing)."""
+    for index in indices:
+        progress.begin(index)
+        run = progress.runs[index]
+        result = failed_result(run, RuntimeError(f"skipped: {why}"))
+        record(run.cfg, progress.study_dir, result, env)
+        progress.end(index, result)
