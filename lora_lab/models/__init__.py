@@ -5,6 +5,7 @@ from lora_lab.models.module import (
     LoRAClassifierModule,
     LoRARegressionModule,
     RegressionModule,
+    TaskModule,
     lora_variant,
 )
 from lora_lab.models.networks import MLP, ConvNet, LinearMap
@@ -23,6 +24,7 @@ __all__ = [
     "LoRAClassifierModule",
     "LoRARegressionModule",
     "RegressionModule",
+    "TaskModule",
     "WeightsError",
     "load_network_weights",
     "lora_variant",

@@ -27,7 +27,7 @@ from torch import nn
 
 from lora_lab.lora.grouped import cross_entropy_per_adapter, group_networks, share_frozen
 from lora_lab.models.member_optim import member_optimizers
-from lora_lab.models.module import ClassifierModule
+from lora_lab.models.module import ClassifierModule, TaskModule
 
 SPLITS = ("train", "val", "test")
 
@@ -46,7 +46,7 @@ class FusedLoRAModule(L.LightningModule):
 
     def __init__(
         self,
-        members: Sequence[ClassifierModule],
+        members: Sequence[TaskModule],
         loggers: Sequence[Sequence[Logger]] | None = None,
     ) -> None:
         super().__init__()
@@ -60,7 +60,7 @@ class FusedLoRAModule(L.LightningModule):
         self.errors: list[str | None] = [None] * len(members)
         self.grouped = group_networks([m.network for m in members])
         self._grouped_for = list(range(len(members)))
-        self.classifier = bool(members[0].metrics)
+        self.has_accuracy = members[0].has_accuracy  # the members share one task
         # The classifiers' own loss for all K at once (see cross_entropy_per_adapter).
         self.cross_entropy = all(type(m).loss is ClassifierModule.loss for m in members)
         self._sums: dict[str, torch.Tensor] = {}
@@ -107,11 +107,9 @@ class FusedLoRAModule(L.LightningModule):
         so a GPU step does not wait for them)."""
         rows = self._rows(indices, losses.device)
         count = torch.full_like(losses, target.shape[0], dtype=self._sums[split].dtype)
-        correct = (
-            (outputs.detach().argmax(dim=-1) == target).sum(dim=1).to(count.dtype)
-            if self.classifier
-            else torch.zeros_like(count)
-        )
+        # The task's own rule, applied to the stacked outputs: one count per member.
+        correct = self.members[0].count_correct(outputs.detach(), target)
+        correct = torch.zeros_like(count) if correct is None else correct.to(count.dtype)
         # [loss·n, correct, n] per member; the loss weighted by batch size, as Lightning does
         batch = torch.stack([losses.detach().to(count.dtype) * count, correct, count], dim=1)
         self._sums[split].index_add_(0, rows, batch)
@@ -138,7 +136,7 @@ class FusedLoRAModule(L.LightningModule):
             loss, correct, count = sums[k].tolist()
             if count:
                 values = {f"{split}_loss": loss / count}
-                if self.classifier:
+                if self.has_accuracy:
                     values[f"{split}_acc"] = correct / count
                 # float32, as Lightning logs and returns them
                 metrics[k] = {
@@ -236,9 +234,8 @@ class FusedLoRAModule(L.LightningModule):
 
     def test_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
         outputs = self._evaluate("test", batch)
-        if self.classifier:
-            for k, out in zip(self._grouped_for, outputs.unbind(0), strict=True):
-                self.members[k].metrics["test_per_class"].update(out, batch[1])
+        for k, out in zip(self._grouped_for, outputs.unbind(0), strict=True):
+            self.members[k].update_per_class(out, batch[1])
 
     def on_test_epoch_end(self) -> None:
         self.test_metrics = self._epoch_metrics("test")

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lora_lab.models.module import ClassifierModule
+from lora_lab.models.module import TaskModule
 
 
 def single_kernel(factory: Any) -> Any:
@@ -77,7 +77,7 @@ class ParamGroupView(torch.optim.Optimizer):
 
 
 def shared_optimizer(
-    members: Sequence[ClassifierModule], merge: bool = False
+    members: Sequence[TaskModule], merge: bool = False
 ) -> torch.optim.Optimizer | None:
     """One optimizer with a param group per member, when every member's optimizer partial
     has the same class and arguments apart from `lr`; None otherwise. With `merge` (no member
@@ -108,7 +108,7 @@ def shared_optimizer(
 
 
 def member_optimizers(
-    members: Sequence[ClassifierModule],
+    members: Sequence[TaskModule],
 ) -> tuple[list[torch.optim.Optimizer], list[Any]]:
     """The pass's optimizers (one shared, or one per member) and each member's scheduler
     (None where it has none), built from the members' own optimizer and scheduler partials.

@@ -1,17 +1,22 @@
-"""LightningModules: a base classifier, a regression variant, and their LoRA subclasses.
+"""LightningModules: a base task module, classification and regression as its siblings, and
+their LoRA subclasses.
 
-The modules receive built objects (a network, an optimizer partial, an optional scheduler
-partial) from Hydra, so nothing here parses configuration. The LoRA subclasses reuse the base
-forward and steps unchanged: they only load the pretrained weights, call `inject_lora`, and
-hand the optimizer exactly the parameters `inject_lora` left trainable.
+`TaskModule` holds everything a task shares: the network, the optimizer and scheduler
+partials, the training/validation/test steps, the epoch and checkpoint hooks. A task only says
+what is its own: the loss, and whether (and how) it counts accuracy. The modules receive built
+objects (a network, an optimizer partial, an optional scheduler partial) from Hydra, so nothing
+here parses configuration. The LoRA subclasses reuse the task's forward and steps unchanged:
+they only load the pretrained weights, call `inject_lora`, and hand the optimizer exactly the
+parameters `inject_lora` left trainable.
 """
 
 from __future__ import annotations
 
 import inspect
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -26,64 +31,57 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
 
-class ClassifierModule(L.LightningModule):
-    """Cross-entropy classifier around any network mapping inputs to logits.
+class TaskModule(L.LightningModule, ABC):
+    """A network trained on one supervised task; subclasses give the loss and the metrics.
 
-    Logs `train_loss`/`train_acc`, `val_loss`/`val_acc` and `test_loss`/`test_acc` once per
-    epoch; after `trainer.test` the per-class test accuracy is in `per_class_test_acc`. A
-    non-finite training loss raises `FloatingPointError` at the step where it appears.
+    Logs `train_loss`, `val_loss` and `test_loss` once per epoch (plus `<split>_acc` for a
+    task with accuracy). A non-finite training loss raises `FloatingPointError` at the step
+    where it appears.
 
     Args:
-        network: Maps `[B, ...]` inputs to logits `[B, num_classes]`.
+        network: Maps `[B, ...]` inputs to outputs `[B, ...]` that `loss` compares with the
+            targets.
         optimizer: Partial that builds the optimizer from an iterable of parameters.
         scheduler: Optional partial that builds an LR scheduler from the optimizer.
             ReduceLROnPlateau schedulers monitor `val_loss`.
-        num_classes: Number of logits (labels keep their original indices under class
-            subsets, so this is the full class count).
+
+    Attributes:
+        has_accuracy: Whether the task logs `<split>_acc` (the fused module reads it too).
+        per_class_test_acc: After `trainer.test`, the per-class test accuracy `[C]`, or None
+            for a task without classes.
     """
+
+    has_accuracy: ClassVar[bool] = False
 
     def __init__(
         self,
         network: nn.Module,
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None = None,
-        num_classes: int = 10,
     ) -> None:
         super().__init__()
         self.network = network
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.num_classes = num_classes
-        self.metrics = self.build_metrics()
+        # The torchmetrics a task updates in validation and test; the loss needs none (the
+        # steps log it), so a task with metrics fills this in its own __init__.
+        self.metrics = nn.ModuleDict()
         self.per_class_test_acc: torch.Tensor | None = None
 
-    # -- task-specific hooks (overridden by RegressionModule) ---------------------------------
-    def build_metrics(self) -> nn.ModuleDict:
-        """Validation/test accuracy plus per-class test accuracy (`average=None`)."""
-        acc = lambda: MulticlassAccuracy(self.num_classes, average="micro")  # noqa: E731
-        return nn.ModuleDict(
-            {
-                "val_acc": acc(),
-                "test_acc": acc(),
-                "test_per_class": MulticlassAccuracy(self.num_classes, average=None),
-            }
-        )
-
+    # -- task-specific hooks ------------------------------------------------------------------
+    @abstractmethod
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of logits `[B, C]` against labels `[B]`."""
-        return F.cross_entropy(output, target)
+        """The batch's mean loss (a 0-d tensor) of network outputs against targets."""
 
     def count_correct(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
-        """Number of correct predictions in a batch (a 0-d tensor), or None for regression."""
-        return (output.argmax(dim=-1) == target).sum()
+        """Correct predictions in a batch, or None for a task without accuracy (the base)."""
+        return None
 
     def update_metrics(self, split: str, output: torch.Tensor, target: torch.Tensor) -> None:
-        """Feed one validation/test batch to the split's metrics, logged for the epoch."""
-        metric = self.metrics[f"{split}_acc"]
-        metric(output, target)
-        self.log(f"{split}_acc", metric, on_step=False, on_epoch=True)
-        if split == "test":
-            self.metrics["test_per_class"].update(output, target)
+        """Feed one validation/test batch to the split's metrics (the base has none)."""
+
+    def update_per_class(self, output: torch.Tensor, target: torch.Tensor) -> None:
+        """Feed one test batch to the per-class accuracy (the base has no classes)."""
 
     # -- Lightning hooks ----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,7 +115,7 @@ class ClassifierModule(L.LightningModule):
         if not count:
             return
         epoch_metrics = {"train_loss": loss_sum / count}
-        if self.metrics:  # classification
+        if self.has_accuracy:
             epoch_metrics["train_acc"] = correct / count
         # Progress bar and callback_metrics only: the row goes to the loggers here, and is on
         # disk, before the resume checkpoint of this epoch is saved (Lightning calls this hook
@@ -143,11 +141,6 @@ class ClassifierModule(L.LightningModule):
 
     def test_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "test")
-
-    def on_test_epoch_end(self) -> None:
-        if "test_per_class" in self.metrics:
-            self.per_class_test_acc = self.metrics["test_per_class"].compute().cpu()
-            self.metrics["test_per_class"].reset()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Dropout draws from torch's global generator: keep its state so a resumed run draws
@@ -178,22 +171,87 @@ class ClassifierModule(L.LightningModule):
         }
 
 
-class RegressionModule(ClassifierModule):
-    """Mean-squared-error regression (the linear-shift task); logs losses, no accuracy."""
+class ClassifierModule(TaskModule):
+    """Cross-entropy classifier around any network mapping inputs to logits.
+
+    Logs `train_acc`, `val_acc` and `test_acc` besides the losses; after `trainer.test` the
+    per-class test accuracy is in `per_class_test_acc`.
+
+    Args:
+        network: Maps `[B, ...]` inputs to logits `[B, num_classes]`.
+        optimizer: Partial that builds the optimizer from an iterable of parameters.
+        scheduler: Optional partial that builds an LR scheduler from the optimizer.
+            ReduceLROnPlateau schedulers monitor `val_loss`.
+        num_classes: Number of logits (labels keep their original indices under class
+            subsets, so this is the full class count).
+    """
+
+    has_accuracy: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        network: nn.Module,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        num_classes: int = 10,
+    ) -> None:
+        super().__init__(network=network, optimizer=optimizer, scheduler=scheduler)
+        self.num_classes = num_classes
+        self.metrics = self.build_metrics()
 
     def build_metrics(self) -> nn.ModuleDict:
-        return nn.ModuleDict()
+        """Validation/test accuracy plus per-class test accuracy (`average=None`)."""
+        acc = lambda: MulticlassAccuracy(self.num_classes, average="micro")  # noqa: E731
+        return nn.ModuleDict(
+            {
+                "val_acc": acc(),
+                "test_acc": acc(),
+                "test_per_class": MulticlassAccuracy(self.num_classes, average=None),
+            }
+        )
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of logits `[B, C]` against labels `[B]`."""
+        return F.cross_entropy(output, target)
+
+    def count_correct(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Correct argmax predictions: logits `[..., B, C]` and labels `[B]` → counts `[...]`.
+
+        A single module's `[B, C]` gives a 0-d count; the fused module's stacked `[K, B, C]`
+        gives one count per member from the same rule.
+        """
+        return (output.argmax(dim=-1) == target).sum(dim=-1)
+
+    def update_metrics(self, split: str, output: torch.Tensor, target: torch.Tensor) -> None:
+        """Feed one validation/test batch to the split's accuracy, logged for the epoch."""
+        metric = self.metrics[f"{split}_acc"]
+        metric(output, target)
+        self.log(f"{split}_acc", metric, on_step=False, on_epoch=True)
+        if split == "test":
+            self.update_per_class(output, target)
+
+    def update_per_class(self, output: torch.Tensor, target: torch.Tensor) -> None:
+        """Feed one test batch (logits `[B, C]`, labels `[B]`) to the per-class accuracy."""
+        self.metrics["test_per_class"].update(output, target)
+
+    def on_test_epoch_end(self) -> None:
+        self.per_class_test_acc = self.metrics["test_per_class"].compute().cpu()
+        self.metrics["test_per_class"].reset()
+
+
+class RegressionModule(TaskModule):
+    """Mean-squared-error regression (the linear-shift task); logs losses, no accuracy.
+
+    Args:
+        network: Maps `[B, D_in]` inputs to predictions `[B, D_out]`.
+        optimizer: Partial that builds the optimizer from an iterable of parameters.
+        scheduler: Optional partial that builds an LR scheduler from the optimizer.
+            ReduceLROnPlateau schedulers monitor `val_loss`.
+    """
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """MSE of predictions `[B, D]` against targets `[B, D]`."""
         return F.mse_loss(output, target)
-
-    def count_correct(self, output: torch.Tensor, target: torch.Tensor) -> None:
-        """Regression has no accuracy."""
-        return None
-
-    def update_metrics(self, split: str, output: torch.Tensor, target: torch.Tensor) -> None:
-        """Regression has no metric beyond the loss already logged."""
 
 
 def factory_lr(factory: Any) -> float:
@@ -268,13 +326,13 @@ class LoRARegressionModule(LoRAMixin, RegressionModule):
     """LoRA fine-tuning of a regression model (linear-shift task)."""
 
 
-LORA_VARIANTS: dict[type[ClassifierModule], type[ClassifierModule]] = {
+LORA_VARIANTS: dict[type[TaskModule], type[TaskModule]] = {
     ClassifierModule: LoRAClassifierModule,
     RegressionModule: LoRARegressionModule,
 }
 
 
-def lora_variant(module_class: type[ClassifierModule]) -> type[ClassifierModule]:
+def lora_variant(module_class: type[TaskModule]) -> type[TaskModule]:
     """The LoRA subclass of a task module class (e.g. ClassifierModule → LoRAClassifierModule)."""
     if module_class in LORA_VARIANTS.values():
         return module_class
