@@ -29,7 +29,7 @@ from omegaconf import DictConfig, open_dict
 
 from lora_lab.lora import save_adapter
 from lora_lab.lora.grouped import check_grouped
-from lora_lab.models import ClassifierModule
+from lora_lab.models import TaskModule
 from lora_lab.models.fused import FusedLoRAModule
 from lora_lab.pipeline.checkpointing import (
     FinishedEpochs,
@@ -125,7 +125,7 @@ class Member:
 
     run: PlannedRun
     cfg: DictConfig
-    module: ClassifierModule
+    module: TaskModule
     loggers: list[Any]
 
     @classmethod

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lora_lab._atomic import atomic_write_text
 from lora_lab.lora import count_parameters, lora_delta_weight, lora_layers
-from lora_lab.models import ClassifierModule, read_weights
+from lora_lab.models import TaskModule, read_weights
 from lora_lab.pipeline.methods import method_of
 from lora_lab.pipeline.plan import PlannedRun
 from lora_lab.pipeline.resume import CHECKPOINT_FILE
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 def tested_fields(
-    metrics: dict[str, float], module: ClassifierModule, datamodule: L.LightningDataModule
+    metrics: dict[str, float], module: TaskModule, datamodule: L.LightningDataModule
 ) -> dict[str, Any]:
     """A row's test columns from the test metrics and the module's per-class accuracy."""
     out: dict[str, Any] = {
@@ -47,7 +47,7 @@ def tested_fields(
 
 
 def relative_delta_error(
-    module: ClassifierModule, datamodule: Any, pretrained: Path | None
+    module: TaskModule, datamodule: Any, pretrained: Path | None
 ) -> float | None:
     """‖ΔW_learned − ΔW_true‖_F / ‖ΔW_true‖_F when the task knows its true update."""
     true_delta = getattr(datamodule, "true_delta", None)
@@ -66,7 +66,7 @@ def relative_delta_error(
 
 def finished_result(
     run_cfg: DictConfig,
-    module: ClassifierModule,
+    module: TaskModule,
     datamodule: Any,
     tested: dict[str, Any],
     *,

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lora_lab.lora import save_adapter
 from lora_lab.models import (
-    ClassifierModule,
+    TaskModule,
     load_network_weights,
     lora_variant,
     save_network_weights,
@@ -68,14 +68,14 @@ class StageRun:
     """What one run produced: its result and the objects that made it."""
 
     result: RunResult
-    module: ClassifierModule
+    module: TaskModule
     datamodule: L.LightningDataModule
     trainer: L.Trainer
 
 
 def build_module(
     run_cfg: DictConfig, network: torch.nn.Module, pretrained: Path | None
-) -> ClassifierModule:
+) -> TaskModule:
     """Instantiate the stage's LightningModule (the LoRA subclass for the LoRA stage)."""
     stage = run_cfg.stage
     if stage != "pretrain" and pretrained is None:
@@ -102,7 +102,7 @@ def build_module(
 
 
 def run_test(
-    trainer: L.Trainer, module: ClassifierModule, datamodule: L.LightningDataModule
+    trainer: L.Trainer, module: TaskModule, datamodule: L.LightningDataModule
 ) -> dict[str, Any]:
     """Test a trained module; returns its result's test columns (see `tested_fields`)."""
     metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
@@ -157,7 +157,7 @@ def _trainer(
 def _test_stage(
     run_cfg: DictConfig,
     trainer: L.Trainer,
-    module: ClassifierModule,
+    module: TaskModule,
     datamodule: L.LightningDataModule,
     target_data: DictConfig | None,
 ) -> tuple[dict[str, Any], float | None]:
