@@ -49,7 +49,7 @@ def resume_point(run_dir: Path, identity: str, name: str) -> tuple[Path | None, 
     marker that the next attempt checks; an unreadable checkpoint is removed, with a warning.
     """
     resume_from = resume_checkpoint(run_dir, identity)
-    (run_dir / "identity.txt").write_text(identity + "\n")
+    atomic_write_text(run_dir / "identity.txt", identity + "\n")
     if resume_from is None:
         return None, 0
     epoch = _checkpoint_epoch(resume_from)
