@@ -1,0 +1,68 @@
+"""The result type: a run's result, written as result.json and read back as a table row."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lora_lab.results import (
+    COLUMNS,
+    RESULT_FILE,
+    RunResult,
+    find_results,
+    normalize_results,
+    read_results,
+    results_frame,
+    write_result,
+)
+
+
+def finished(**changes) -> RunResult:
+    values = dict(
+        run_id="lora_r4_a4_s1", stage="lora", rank=4, alpha=4.0, seed=1, learning_rate=1e-3,
+        method="default", trainable_params=100, total_params=1000, test_acc=0.875,
+        test_loss=0.4, val_acc=0.86, per_class_acc={"Sandal": 0.9}, train_seconds=1.5,
+        epochs=2, run_dir="runs/lora_r4_a4_s1", pass_id="fused_ab12", identity="0123456789abcdef",
+        artefact="adapters/rank_4_seed_1", extra={"delta_rel_error": 0.25},
+    )  # fmt: skip
+    return RunResult(**{**values, **changes})
+
+
+def test_a_result_round_trips_through_result_json(tmp_path: Path):
+    result = finished()
+    write_result(tmp_path / result.run_dir, result.to_record(config={"seed": 1}, environment={}))
+    (record,) = find_results(tmp_path)[0]
+    assert RunResult.from_record(record) == result
+    assert record["config"] == {"seed": 1} and record["pass"] == "fused_ab12"
+
+
+def test_the_table_has_the_contract_columns_in_order_then_the_extras(tmp_path: Path):
+    failed = RunResult(run_id="pretrain", stage="pretrain", seed=0, status="failed", error="E: x")
+    frame = results_frame([finished().to_record(), failed.to_record()])
+    assert list(frame.columns) == [*COLUMNS, "delta_rel_error"]
+    assert list(frame["stage"]) == ["pretrain", "lora"]  # stage order, not input order
+    assert frame.loc[1, "rank"] == 4 and pd.isna(frame.loc[0, "rank"])  # Int64 beside empties
+    assert json.loads(frame.loc[1, "per_class_acc"]) == {"Sandal": 0.9}
+    assert "identity" not in frame and "artefact" not in frame  # records, not columns
+    frame.to_csv(tmp_path / "results.csv", index=False)
+    table = read_results(tmp_path / "results.csv")
+    assert table.loc[1, "pass"] == "fused_ab12" and table.loc[0, "error"] == "E: x"
+    assert table.loc[1, "alpha_per_rank"] == 1.0
+
+
+def test_a_table_without_a_required_column_is_refused_in_one_line():
+    frame = results_frame([finished().to_record()]).drop(columns=["test_loss"])
+    with pytest.raises(
+        ValueError, match=r"^results table: missing required column\(s\): test_loss$"
+    ):
+        normalize_results(frame)
+
+
+def test_corrupt_result_files_are_reported_not_dropped(tmp_path: Path):
+    (tmp_path / "runs" / "bad").mkdir(parents=True)
+    (tmp_path / "runs" / "bad" / RESULT_FILE).write_text("{not json")
+    results, problems = find_results(tmp_path)
+    assert results == [] and len(problems) == 1 and "runs/bad/result.json" in problems[0]
