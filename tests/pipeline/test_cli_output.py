@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 
 from lora_lab.cli import CONF_DIR, main
 from lora_lab.pipeline.overrides import shadowed_overrides
-from tests.pipeline.conftest import BASE_EXPERIMENT, tiny_study_overrides
+from tests.pipeline.study_config import BASE_EXPERIMENT, tiny_study_overrides
 
 
 @pytest.mark.parametrize("flags", [["--cfg", "job"], ["--cfg=job"], ["-c", "job"]])

@@ -17,7 +17,7 @@ from lora_lab.models import lora_variant, save_network_weights
 from lora_lab.pipeline import plan, stage_config
 from lora_lab.pipeline.methods import lora_config_of
 from lora_lab.pipeline.stages import build_module
-from tests.pipeline.conftest import BASE_EXPERIMENT
+from tests.pipeline.study_config import BASE_EXPERIMENT
 
 
 def choices(group: str) -> list[str]:

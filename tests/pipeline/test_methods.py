@@ -17,7 +17,7 @@ from lora_lab.pipeline.methods import available_methods
 from lora_lab.pipeline.plan import plan
 from lora_lab.pipeline.stages import build_module
 from lora_lab.report.tables import method_comparison
-from tests.pipeline.conftest import BASE_EXPERIMENT
+from tests.pipeline.study_config import BASE_EXPERIMENT, tiny_study_overrides
 
 ALL = "sweep.methods=[default,dora,pissa,loraplus,rslora]"
 
@@ -113,8 +113,6 @@ def test_bad_method_input_is_one_line_before_training(
 
 @pytest.fixture(scope="module")
 def method_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.pipeline.conftest import tiny_study_overrides
-
     folder = tmp_path_factory.mktemp("methods")
     out = folder / "study"
     args = ["sweep", f"output_dir={out}", ALL, "sweep.ranks=[1,2]", *tiny_study_overrides(folder)]

@@ -35,7 +35,7 @@ from lora_lab.pipeline.parallel import (
 )
 from lora_lab.pipeline.plan import PlannedRun
 from lora_lab.pipeline.threads import POOL_ENV
-from tests.pipeline.conftest import BASE_EXPERIMENT
+from tests.pipeline.study_config import BASE_EXPERIMENT
 
 ROOT = Path(__file__).resolve().parents[2]
 
