@@ -1,14 +1,26 @@
-"""The study config the pipeline tests start from: the base experiment, and overrides for a
-tiny study on fake Fashion-MNIST files that runs in seconds."""
+"""The study config the pipeline tests start from: the base experiment, composed as is, and
+overrides for a tiny study on fake Fashion-MNIST files that runs in seconds."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from lora_lab.cli import CONF_DIR
 from lora_lab.data import clear_memory_cache
 from lora_lab.data.fakes import write_fake_mnist
 
 BASE_EXPERIMENT = "experiment=fashion_mnist_rank_sweep"
+
+
+def composed(*overrides: str, hydra: bool = False) -> DictConfig:
+    """The base experiment's config under `overrides`, with Hydra's own node if `hydra`."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(
+            config_name="config", overrides=[BASE_EXPERIMENT, *overrides], return_hydra_config=hydra
+        )
 
 
 def tiny_study_overrides(folder: Path) -> list[str]:
