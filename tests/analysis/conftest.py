@@ -6,9 +6,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from analysis_testkit import build_main_study
 
 from lora_lab.analysis import analyze_study
+from tests.analysis.analysis_testkit import build_main_study
 
 
 @pytest.fixture(scope="module")

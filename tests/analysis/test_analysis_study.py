@@ -11,12 +11,17 @@ import matplotlib.image
 import pandas as pd
 import pytest
 import torch
-from analysis_testkit import OUT_DIM, orthonormal_rows, write_adapter, write_checkpoint
 from safetensors.torch import load_file, save_file
 
 from lora_lab.analysis import ANALYSIS_CSV, amplification_factor, analyze_study, load_adapter
 from lora_lab.analysis.plots import choose_modules, pick_rank_pair, pick_seed_pair
 from lora_lab.analysis.readers import Adapter
+from tests.analysis.analysis_testkit import (
+    OUT_DIM,
+    orthonormal_rows,
+    write_adapter,
+    write_checkpoint,
+)
 
 SQRT26 = math.sqrt(26)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_testkit import make_input, make_model, nudge_adapters
 from safetensors.torch import load_file
 from torch import nn
 
@@ -30,6 +29,7 @@ from lora_lab.lora import (
     unmerge_lora,
 )
 from lora_lab.lora.grouped import GroupingError, check_groupable
+from tests.lora.testkit import make_input, make_model, nudge_adapters
 
 CASES = [
     ("mlp", LoRAConfig(rank=3, alpha=6, use_dora=True, bias="lora_only")),

@@ -6,7 +6,6 @@ import logging
 
 import pytest
 import torch
-from lora_testkit import make_input, make_model, perturb_adapters
 from torch import nn
 
 from lora_lab.lora import (
@@ -20,6 +19,7 @@ from lora_lab.lora import (
     lora_layers,
     lora_parameters,
 )
+from tests.lora.testkit import make_input, make_model, perturb_adapters
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_testkit import assert_same_snapshot, make_input, make_model, perturb_adapters, snapshot
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -22,6 +21,13 @@ from lora_lab.lora import (
     lora_layers,
     merge_lora,
     save_adapter,
+)
+from tests.lora.testkit import (
+    assert_same_snapshot,
+    make_input,
+    make_model,
+    perturb_adapters,
+    snapshot,
 )
 
 CASES = [

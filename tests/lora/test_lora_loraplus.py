@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-from lora_testkit import make_model
 from torch import nn
 
 from lora_lab.lora import LoRAConfig, inject_lora, lora_parameter_groups, lora_parameters
+from tests.lora.testkit import make_model
 
 
 def _names(model: nn.Module, group: dict) -> set[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lora_testkit import make_input, make_model, perturb_adapters
 from torch import nn
 
 from lora_lab.lora import (
@@ -16,6 +15,7 @@ from lora_lab.lora import (
     unload_lora,
     unmerge_lora,
 )
+from tests.lora.testkit import make_input, make_model, perturb_adapters
 
 CASES = [
     ("mlp", LoRAConfig(rank=3, alpha=6)),

@@ -6,10 +6,10 @@ import itertools
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from lora_testkit import make_model
 from torch import nn
 
 from lora_lab.lora import LoRAConfig, count_parameters, inject_lora, parameter_summary
+from tests.lora.testkit import make_model
 
 
 def test_counts_of_a_plain_model() -> None:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_testkit import make_input, make_model
 from safetensors.torch import load_file
 from torch import nn
 
@@ -25,6 +24,7 @@ from lora_lab.lora import (
     lora_parameters,
     save_adapter,
 )
+from tests.lora.testkit import make_input, make_model
 
 # Not skipped when missing: `make setup` installs PEFT (into the interop venv, see
 # lora_lab.interop), so a missing PEFT is a broken setup.

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_testkit import assert_same_snapshot, make_input, make_model, nudge_adapters, snapshot
 from safetensors.torch import load_file
 from torch import nn
 
@@ -30,6 +29,13 @@ from lora_lab.lora import (
     unmerge_lora,
 )
 from lora_lab.lora.grouped import GroupingError, check_groupable
+from tests.lora.testkit import (
+    assert_same_snapshot,
+    make_input,
+    make_model,
+    nudge_adapters,
+    snapshot,
+)
 
 CONFIG = LoRAConfig(
     rank=3, alpha=6, target_modules=["fc1", "fc2"], init="pissa", modules_to_save=["head"]

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
 
-from lora_lab.cli import CONF_DIR, main
+from lora_lab.cli import main
 from lora_lab.pipeline.overrides import shadowed_overrides
-from tests.pipeline.conftest import BASE_EXPERIMENT, tiny_study_overrides
+from tests.pipeline.study_config import composed, tiny_study_overrides
 
 
 @pytest.mark.parametrize("flags", [["--cfg", "job"], ["--cfg=job"], ["-c", "job"]])
@@ -35,32 +34,27 @@ def test_help_states_the_precedence_rule(capsys):
     assert "Precedence: a" in capsys.readouterr().out
 
 
-def _composed(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=[BASE_EXPERIMENT, *overrides])
-
-
 def test_a_shadowed_command_line_value_is_named_with_its_shadow():
     overrides = ["experiment=linear_shift", "trainer.max_epochs=2"]
-    (note,) = shadowed_overrides(_composed(*overrides), overrides, "sweep")
+    (note,) = shadowed_overrides(composed(*overrides), overrides, "sweep")
     assert note.startswith("trainer.max_epochs=2 is shadowed by stages.lora.max_epochs=30")
     # given on the command line too: nothing to say
     both = [*overrides, "stages.lora.max_epochs=2"]
-    assert shadowed_overrides(_composed(*both), both, "sweep") == []
+    assert shadowed_overrides(composed(*both), both, "sweep") == []
     # the default study has no stage values: trainer.max_epochs reaches every stage
     assert (
-        shadowed_overrides(_composed("trainer.max_epochs=1"), ["trainer.max_epochs=1"], "sweep")
+        shadowed_overrides(composed("trainer.max_epochs=1"), ["trainer.max_epochs=1"], "sweep")
         == []
     )
 
 
 def test_sweep_axes_shadow_their_keys():
     overrides = ["lora.rank=4", "sweep.learning_rates=[0.1,0.01]", "module.optimizer.lr=0.5"]
-    notes = shadowed_overrides(_composed(*overrides), overrides, "sweep")
+    notes = shadowed_overrides(composed(*overrides), overrides, "sweep")
     assert any(n.startswith("lora.rank=4 does not reach the LoRA runs") for n in notes)
     assert any("module.optimizer.lr=0.5 does not reach the LoRA runs" in n for n in notes)
     # `lora-lab train` has no sweep: lora.rank is the run's rank
-    assert shadowed_overrides(_composed("lora.rank=4"), ["lora.rank=4"], "train") == []
+    assert shadowed_overrides(composed("lora.rank=4"), ["lora.rank=4"], "train") == []
 
 
 @pytest.fixture(scope="module")

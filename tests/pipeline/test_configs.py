@@ -6,7 +6,6 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
@@ -17,16 +16,11 @@ from lora_lab.models import lora_variant, save_network_weights
 from lora_lab.pipeline import plan, stage_config
 from lora_lab.pipeline.methods import lora_config_of
 from lora_lab.pipeline.sequential import build_module
-from tests.pipeline.conftest import BASE_EXPERIMENT
+from tests.pipeline.study_config import composed
 
 
 def choices(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-
-
-def composed(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=[BASE_EXPERIMENT, *overrides])
 
 
 def test_groups_exist():

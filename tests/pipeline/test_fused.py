@@ -20,8 +20,6 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lora_lab.cli import CONF_DIR
-from lora_lab.data import clear_memory_cache
-from lora_lab.data.fakes import write_fake_mnist
 from lora_lab.lora import LoRAConfig, inject_lora, load_adapter, lora_layers
 from lora_lab.lora.grouped import GroupedLoRALinear, cross_entropy_per_adapter, group_networks
 from lora_lab.models import MLP, save_network_weights
@@ -30,6 +28,7 @@ from lora_lab.pipeline import fused, fusion
 from lora_lab.pipeline.checkpointing import epoch_checkpoint
 from lora_lab.pipeline.plan import PlannedRun, plan
 from lora_lab.pipeline.sequential import execute
+from tests.pipeline.study_config import tiny_study_overrides
 
 PLATEAU = (
     "module.scheduler={_target_:torch.optim.lr_scheduler.ReduceLROnPlateau,"
@@ -38,22 +37,8 @@ PLATEAU = (
 
 
 def composed(folder: Path, *overrides: str) -> DictConfig:
-    """A tiny study on fake Fashion-MNIST files (as conftest's `tiny_study_overrides`, which
-    `tests.` imports reach only under `python -m pytest`)."""
-    clear_memory_cache()
-    data = write_fake_mnist(folder / "fashion", n_train=600, n_test=100)
-    tiny = [
-        "experiment=fashion_mnist_rank_sweep",  # one seed, one lr (the default study has 3 each)
-        f"data.root={data}",
-        f"data.cache_dir={folder / 'cache'}",
-        "data.val_size=100",
-        "data.batch_size=128",
-        "trainer.enable_progress_bar=false",
-        "trainer.limit_train_batches=2",
-        "trainer.limit_val_batches=1",
-        "stages.lora.max_epochs=1",
-        f"output_dir={folder / 'out'}",
-    ]
+    """The tiny study of `tiny_study_overrides` on files under `folder`, writing to folder/out."""
+    tiny = [*tiny_study_overrides(folder), f"output_dir={folder / 'out'}"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=[*tiny, *overrides])
 

@@ -7,24 +7,18 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from lora_lab.cli import CONF_DIR, main
+from lora_lab.cli import main
 from lora_lab.models import MLP
 from lora_lab.pipeline import fusion
 from lora_lab.pipeline.methods import available_methods
 from lora_lab.pipeline.plan import plan
 from lora_lab.pipeline.sequential import build_module
 from lora_lab.report.tables import method_comparison
-from tests.pipeline.conftest import BASE_EXPERIMENT
+from tests.pipeline.study_config import composed, tiny_study_overrides
 
 ALL = "sweep.methods=[default,dora,pissa,loraplus,rslora]"
-
-
-def composed(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=[BASE_EXPERIMENT, *overrides])
 
 
 def test_every_method_is_an_option_of_the_lora_group():
@@ -113,8 +107,6 @@ def test_bad_method_input_is_one_line_before_training(
 
 @pytest.fixture(scope="module")
 def method_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.pipeline.conftest import tiny_study_overrides
-
     folder = tmp_path_factory.mktemp("methods")
     out = folder / "study"
     args = ["sweep", f"output_dir={out}", ALL, "sweep.ranks=[1,2]", *tiny_study_overrides(folder)]

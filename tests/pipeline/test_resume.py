@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from lora_lab.cli import main
 from lora_lab.models import LinearMap, save_network_weights
-from tests.pipeline.conftest import tiny_study_overrides
+from tests.pipeline.study_config import tiny_study_overrides
 
 
 def snapshot(folder: Path) -> dict[str, str]:

@@ -13,7 +13,7 @@ from matplotlib.image import imread
 from lora_lab.cli import main
 from lora_lab.lora import load_adapter, lora_layers
 from lora_lab.models import MLP, load_network_weights
-from tests.pipeline.conftest import tiny_study_overrides
+from tests.pipeline.study_config import tiny_study_overrides
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

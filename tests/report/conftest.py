@@ -1,4 +1,4 @@
-"""Fixtures for the report tests; the builders live in ``report_fakes``."""
+"""Fixtures for the report tests; the builders live in ``tests.report.fakes``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from report_fakes import make_results, write_study
+
+from tests.report.fakes import make_results, write_study
 
 
 @pytest.fixture

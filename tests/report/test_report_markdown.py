@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from report_fakes import assert_png, make_regression_results, make_results
 
 from lora_lab.report import write_report
+from tests.report.fakes import assert_png, make_regression_results, make_results
 
 PLOTS = ("accuracy_vs_rank.png", "accuracy_vs_params.png", "curves.png", "per_class.png")
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from report_fakes import CLASSES, assert_png, make_results
 
 from lora_lab.report import per_class
+from tests.report.fakes import CLASSES, assert_png, make_results
 
 
 def _accuracy(df: pd.DataFrame, stage: str, name: str) -> float:

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from report_fakes import assert_png, make_regression_results, vary_lora, write_study
 
 from lora_lab.report import plots
 from lora_lab.report.curves import collect_curves
+from tests.report.fakes import assert_png, make_regression_results, vary_lora, write_study
 
 
 def _legend_labels(fig) -> list[str]:

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from report_fakes import make_results
 
 from lora_lab.report import summary_table, write_report
 from lora_lab.results import COLUMNS, read_results
+from tests.report.fakes import make_results
 
 
 def test_read_results_keeps_text_as_text_and_blanks_empty_errors(tmp_path: Path) -> None:

@@ -6,10 +6,10 @@ import math
 
 import pandas as pd
 import pytest
-from report_fakes import run_row
 
 from lora_lab.report import summary_table
 from lora_lab.report.tables import format_summary, markdown_table
+from tests.report.fakes import run_row
 
 
 @pytest.fixture

@@ -1,8 +1,4 @@
-"""Fake study folders for the report tests: results tables built here, no training involved.
-
-A uniquely named module (not ``helpers``/``conftest``) because every test folder shares
-``sys.path`` under pytest's default import mode.
-"""
+"""Fake study folders for the report tests: results tables built here, no training involved."""
 
 from __future__ import annotations
 

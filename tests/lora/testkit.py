@@ -1,4 +1,4 @@
-"""Tiny models and helpers shared by the tests/lora suite (imported as a plain module)."""
+"""Tiny models and helpers shared by the tests/lora suite."""
 
 from __future__ import annotations
 
