@@ -160,7 +160,7 @@ def test_result_json_and_results_csv_are_0644(tmp_path: Path) -> None:
 
 
 def test_report_writers_are_0644(tmp_path: Path) -> None:
-    from lora_lab.report.figures import save_figure
+    from lora_lab.plotting import save_figure
 
     figure = Figure(figsize=(2, 2))
     figure.add_subplot().plot([0, 1], [1, 0])
