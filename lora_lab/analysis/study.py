@@ -14,15 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from lora_lab._atomic import atomic_path
-from lora_lab.analysis.plots import SPECTRUM_PNG, draw_subspace_figures, plot_spectrum
-from lora_lab.analysis.readers import (
-    ADAPTERS_DIR,
-    FULL_FINETUNE_FILE,
-    PRETRAIN_FILE,
-    load_adapters,
-    load_checkpoint,
-)
-from lora_lab.analysis.tables import (
+from lora_lab.analysis.measurements import (
     AccuracyLookup,
     build_table,
     lora_vs_full_rows,
@@ -30,6 +22,14 @@ from lora_lab.analysis.tables import (
     spectrum_rows,
     subspace_rows,
     weight_layers,
+)
+from lora_lab.analysis.plots import SPECTRUM_PNG, draw_subspace_figures, plot_spectrum
+from lora_lab.analysis.readers import (
+    ADAPTERS_DIR,
+    FULL_FINETUNE_FILE,
+    PRETRAIN_FILE,
+    load_adapters,
+    load_checkpoint,
 )
 
 logger = logging.getLogger(__name__)
@@ -106,8 +106,8 @@ def analyze_study(study_dir: str | os.PathLike[str], *, make_plots: bool = True)
 
     Returns:
         The long table, one row per measurement, `kind` in {"spectrum", "lora_vs_full",
-        "subspace"} (columns in `lora_lab.analysis.tables.COLUMNS`). `attrs["notes"]` lists
-        what was skipped and why; `attrs["figures"]` the PNG paths written.
+        "subspace"} (columns in `lora_lab.analysis.measurements.COLUMNS`). `attrs["notes"]`
+        lists what was skipped and why; `attrs["figures"]` the PNG paths written.
 
     Raises:
         ValueError: the folder holds neither checkpoints nor a readable adapter.

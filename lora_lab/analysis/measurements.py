@@ -1,4 +1,4 @@
-"""Rows of the long analysis table, one builder per `kind`.
+"""The measurements of the analysis: rows of the long `analysis.csv`, one builder per `kind`.
 
 Each builder returns plain dicts; `build_table` fixes the column order and dtypes, so the
 three kinds share one CSV in which a column a kind does not use is empty.
