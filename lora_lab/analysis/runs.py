@@ -82,9 +82,13 @@ def _usable_run(study: Path, record: Mapping[str, Any], notes: list[str]) -> Stu
             f"run {result.run_id}: result.json names no artefact (older lora_lab); skipped"
         )
         return None
+    # The artefact is relative to the run's own study, the folder that holds its
+    # `runs/<run_id>/`: under a Hydra multirun each job folder is a study of its own.
+    own_study = study / Path(result.run_dir).parent.parent
     config = record.get("config")
     model = config.get("model") if isinstance(config, Mapping) else None
-    return StudyRun(result, study / result.artefact, model if isinstance(model, Mapping) else None)
+    model = model if isinstance(model, Mapping) else None
+    return StudyRun(result, own_study / result.artefact, model)
 
 
 def _seed_then_id(run: StudyRun) -> tuple[int, str]:

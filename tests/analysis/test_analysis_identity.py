@@ -98,6 +98,17 @@ def test_folder_names_are_never_read(tmp_path: Path) -> None:
     assert "analysis_seeds_hidden_0.png" in {path.name for path in table.attrs["figures"]}
 
 
+def test_artefacts_are_read_from_each_runs_own_study(tmp_path: Path) -> None:
+    # `lora-lab train -m`: each Hydra job folder is a study; the root holds no adapters/.
+    for job, seed in (("0", 0), ("1", 1)):
+        factors = {"hidden.0": (torch.randn(4, IN_DIM), torch.randn(OUT_DIM, 4))}
+        write_lora_run(tmp_path / job, f"rank_4_seed_{seed}", 4, 4.0, seed, factors)
+    table = analyze_study(tmp_path, make_plots=False)
+    subspace = table[table["kind"] == "subspace"]
+    assert len(subspace) == 1
+    assert {subspace.iloc[0]["seed_a"], subspace.iloc[0]["seed_b"]} == {0, 1}
+
+
 def test_records_without_artefact_and_failed_runs_are_skipped_with_a_note(
     tmp_path: Path,
 ) -> None:
