@@ -160,7 +160,7 @@ def test_result_json_and_results_csv_are_0644(tmp_path: Path) -> None:
 
 
 def test_report_writers_are_0644(tmp_path: Path) -> None:
-    from lora_lab.report.figures import save_figure
+    from lora_lab.plotting import save_figure
 
     figure = Figure(figsize=(2, 2))
     figure.add_subplot().plot([0, 1], [1, 0])
@@ -179,17 +179,28 @@ def test_report_writers_are_0644(tmp_path: Path) -> None:
 
 
 def test_analysis_writers_are_0644(tmp_path: Path) -> None:
-    from lora_lab.analysis.plots import save_figure
-    from lora_lab.analysis.study import write_csv_atomic
+    # `lora-lab analyze` writes analysis.csv and its PNGs through lora_lab._atomic and
+    # lora_lab.plotting: a two-run study (pretrain and full finetune of one linear layer).
+    from safetensors.torch import save_file
 
-    figure = Figure(figsize=(2, 2))
-    figure.add_subplot().plot([0, 1], [1, 0])
+    from lora_lab.analysis import analyze_study
+    from lora_lab.results import RunResult, write_result
+
+    weight = torch.eye(3)
+    for run_id, state in (("pretrain", weight), ("full_finetune", 2 * weight)):
+        artefact = f"checkpoints/{run_id}.safetensors"
+        (tmp_path / "checkpoints").mkdir(exist_ok=True)
+        save_file({"linear.weight": state}, tmp_path / artefact)
+        record = RunResult(run_id, run_id, run_dir=f"runs/{run_id}", artefact=artefact)
+        write_result(tmp_path / "runs" / run_id, record.to_record())
     with umask(0o022):
-        write_csv_atomic(pd.DataFrame({"a": [1]}), tmp_path / "analysis.csv")
-        save_figure(figure, tmp_path / "analysis_spectrum.png")
+        table = analyze_study(tmp_path)
+    assert [path.name for path in table.attrs["figures"]] == ["analysis_spectrum.png"]
     assert mode(tmp_path / "analysis.csv") == 0o644
     assert mode(tmp_path / "analysis_spectrum.png") == 0o644
-    assert names(tmp_path) == ["analysis.csv", "analysis_spectrum.png"]
+    assert names(tmp_path) == [
+        "analysis.csv", "analysis_spectrum.png", "checkpoints", "runs",
+    ]  # fmt: skip
 
 
 def test_data_cache_file_is_0664_under_umask_002(tmp_path: Path) -> None:

@@ -1,16 +1,17 @@
 """Weight-update spectra and subspace similarity (LoRA paper, Hu et al. 2021, §7).
 
-Plain torch + pandas + seaborn; no Lightning or Hydra. `spectra` holds the maths on tensors,
-`analyze_study` turns a study folder into `analysis.csv` and figures.
+Built on the core: runs and their identity come from `result.json` (`lora_lab.results`),
+adapters are read and ΔW computed by `lora_lab.lora`, networks are built from the recorded
+model config. `spectra` holds the maths on tensors, `analyze_study` turns a study folder into
+`analysis.csv` and figures.
 """
 
-from lora_lab.analysis.readers import Adapter, LoraFactors, load_adapter, load_adapters
+from lora_lab.analysis.adapters import AdapterRun, LayerUpdate, load_adapter_run
+from lora_lab.analysis.runs import StudyRun, StudyRuns, find_runs
 from lora_lab.analysis.spectra import (
     amplification_factor,
     effective_rank,
     energy_rank,
-    lora_delta,
-    lora_svd,
     projection_fraction,
     relative_error,
     right_singular_vectors,
@@ -24,16 +25,16 @@ from lora_lab.analysis.study import ANALYSIS_CSV, analyze_study
 
 __all__ = [
     "ANALYSIS_CSV",
-    "Adapter",
-    "LoraFactors",
+    "AdapterRun",
+    "LayerUpdate",
+    "StudyRun",
+    "StudyRuns",
     "amplification_factor",
     "analyze_study",
     "effective_rank",
     "energy_rank",
-    "load_adapter",
-    "load_adapters",
-    "lora_delta",
-    "lora_svd",
+    "find_runs",
+    "load_adapter_run",
     "projection_fraction",
     "relative_error",
     "right_singular_vectors",

@@ -5,7 +5,8 @@ Pure functions on tensors. Every decomposition runs in float64: the quantities o
 
 Conv weights `[out, in, kh, kw]` are read as matrices `[out, in*kh*kw]`, the same flattening
 a LoRA conv adapter uses (A is a conv of the base kernel, B a 1×1 conv), so the rank of the
-flattened matrix is the adapter's rank.
+flattened matrix is the adapter's rank. A LoRA update itself is never formed here: ΔW comes
+from the core (`lora_lab.lora.lora_delta_weight`).
 """
 
 from __future__ import annotations
@@ -270,42 +271,3 @@ def amplification_from_svd(weight: Tensor, left: Tensor, right: Tensor, delta_no
     if inside == 0 or math.isnan(inside):
         return math.inf
     return delta_norm / inside
-
-
-def lora_svd(a: Tensor, b: Tensor, scaling: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Thin SVD of B·A·scaling from its factors, never forming the dense `[out, in]` update.
-
-    With B = Q_b R_b and Aᵀ = Q_a R_a, B·A = Q_b (R_b R_aᵀ) Q_aᵀ, so only an r×r core needs
-    an SVD: O((out + in)·r²) instead of O(out·in·min(out, in)).
-
-    Args:
-        a: `[r, in]` or conv `[r, in, kh, kw]`.
-        b: `[out, r]` or conv `[out, r, 1, 1]`.
-        scaling: alpha / r (or alpha / sqrt(r)).
-
-    Returns:
-        u `[out, m]`, s `[m]` (largest first), v `[in*kh*kw, m]`, m = min(r, out, in).
-    """
-    q_b, r_b = torch.linalg.qr(as_matrix(b))  # [out, m_b], [m_b, r]
-    q_a, r_a = torch.linalg.qr(as_matrix(a).T)  # [in, m_a], [m_a, r]
-    core_u, s, core_vh = torch.linalg.svd(r_b @ r_a.T * scaling, full_matrices=False)
-    return q_b @ core_u, s, q_a @ core_vh.T
-
-
-def lora_delta(a: Tensor, b: Tensor, scaling: float) -> Tensor:
-    """The dense update B·A·scaling that a LoRA adapter adds to its base weight.
-
-    Args:
-        a: `[r, in]`, or conv `[r, in, kh, kw]`.
-        b: `[out, r]`, or conv `[out, r, 1, 1]`.
-        scaling: alpha / r (alpha / sqrt(r) with rsLoRA).
-
-    Returns:
-        `[out, in]`, or `[out, in, kh, kw]` for a conv adapter, in float64.
-    """
-    a_matrix = as_matrix(a)  # [r, in*kh*kw]
-    b_matrix = as_matrix(b)  # [out, r]: the 1×1 conv collapses to a matrix
-    if b_matrix.shape[1] != a_matrix.shape[0]:
-        raise ValueError(f"rank mismatch: A {tuple(a.shape)}, B {tuple(b.shape)}")
-    delta = (b_matrix @ a_matrix) * scaling
-    return delta.reshape(b.shape[0], *a.shape[1:])

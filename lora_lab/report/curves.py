@@ -18,15 +18,15 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from lora_lab.report.figures import (
+from lora_lab.plotting import (
     FULL_FINETUNE_COLOR,
     PRETRAIN_COLOR,
-    figure_legend,
     new_figure,
     save_figure,
     sequential_colors,
     theme,
 )
+from lora_lab.report.figures import figure_legend
 from lora_lab.report.labels import config_label, varying_lora_dims
 from lora_lab.report.selection import tuned_rows
 from lora_lab.results import normalize_results, ok_runs, sort_by_stage

@@ -1,60 +1,18 @@
-"""The report's figures: theme, colours, axes helpers, the figure legend, and the atomic PNG
-writer. The analysis draws with them too."""
+"""The report's axes helpers and figure legend. The theme, colours and PNG writer it shares
+with the analysis are in `lora_lab.plotting`."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
-import numpy as np
 import pandas as pd
-import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
 
-from lora_lab._atomic import atomic_path
+from lora_lab.plotting import FULL_FINETUNE_COLOR, PRETRAIN_COLOR
 from lora_lab.report.labels import format_count
 from lora_lab.results import ok_runs
-
-# One colour per role, the same in every figure, so a reader learns them once.
-PRETRAIN_COLOR = "0.45"
-FULL_FINETUNE_COLOR = "#c0392b"
-LORA_COLOR = "#1f6fb4"
-LORA_PALETTE = "viridis"
-
-
-@contextlib.contextmanager
-def theme() -> Iterator[None]:
-    """Seaborn's whitegrid look, scoped so importing the report never restyles a user's plots."""
-    with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.9):
-        yield
-
-
-def new_figure(
-    width: float, height: float, nrows: int = 1, ncols: int = 1, **kwargs
-) -> tuple[Figure, np.ndarray]:
-    """A pyplot-free figure (no global figure registry, nothing to close) and its axes grid.
-
-    Args:
-        width: Figure width in inches.
-        height: Figure height in inches.
-        nrows: Rows of axes.
-        ncols: Columns of axes.
-        **kwargs: Passed to ``Figure.subplots`` (e.g. ``sharey``).
-
-    Returns:
-        ``(figure, axes)`` with ``axes`` always a 2-D array.
-    """
-    fig = Figure(figsize=(width, height), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False, **kwargs)
-    return fig, axes
-
-
-def sequential_colors(values: Sequence[object]) -> list[tuple[float, float, float]]:
-    """One colour per ordered value (ranks, alphas) from a sequential palette: low = dark."""
-    return sns.color_palette(LORA_PALETTE, n_colors=max(len(values), 1))
 
 
 def set_rank_axis(ax: Axes, ranks: Sequence[float]) -> None:
@@ -153,11 +111,3 @@ def _row_major(items: list, ncols: int) -> list:
     column layout of a row-major grid whose last row is partly empty.
     """
     return [items[i] for j in range(ncols) for i in range(j, len(items), ncols)]
-
-
-def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
-    """Save a figure as PNG atomically; `bbox_inches="tight"` keeps outside legends in frame."""
-    path = Path(path)
-    with atomic_path(path) as temp, open(temp, "wb") as stream:
-        fig.savefig(stream, format="png", dpi=dpi, bbox_inches="tight")
-    return path

@@ -13,7 +13,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.patches import Rectangle
 
-from lora_lab.report.figures import new_figure, save_figure, theme
+from lora_lab.plotting import new_figure, save_figure, theme
 from lora_lab.report.selection import chosen_learning_rates, lr_tuned
 from lora_lab.results import normalize_results, ok_runs
 

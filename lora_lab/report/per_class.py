@@ -22,16 +22,16 @@ import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from lora_lab.report.figures import (
+from lora_lab.plotting import (
     FULL_FINETUNE_COLOR,
     LORA_COLOR,
     PRETRAIN_COLOR,
-    figure_legend,
     new_figure,
     save_figure,
     sequential_colors,
     theme,
 )
+from lora_lab.report.figures import figure_legend
 from lora_lab.report.labels import config_label, varying_lora_dims
 from lora_lab.results import normalize_results, ok_runs, parse_per_class
 

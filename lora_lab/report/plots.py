@@ -23,21 +23,23 @@ import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from lora_lab.report.curves import draw_curves, plot_curves
-from lora_lab.report.figures import (
+from lora_lab.plotting import (
     FULL_FINETUNE_COLOR,
     LORA_COLOR,
     PRETRAIN_COLOR,
+    new_figure,
+    save_figure,
+    sequential_colors,
+    theme,
+)
+from lora_lab.report.curves import draw_curves, plot_curves
+from lora_lab.report.figures import (
     draw_baselines,
     figure_legend,
     format_metric,
     metric_axis,
-    new_figure,
-    save_figure,
-    sequential_colors,
     set_count_axis,
     set_rank_axis,
-    theme,
 )
 from lora_lab.report.labels import (
     fixed_lora_settings,

@@ -6,14 +6,11 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lora_lab.analysis.spectra import (
     amplification_factor,
     effective_rank,
     energy_rank,
-    lora_delta,
-    lora_svd,
     projection_fraction,
     relative_error,
     singular_values,
@@ -115,42 +112,3 @@ def test_amplification_factor() -> None:
     # ΔW along W's second direction: ‖ΔW‖ / ‖u2ᵀ W v2‖ = 4 / 1.
     delta = 4.0 * u[:, [1]] @ v[:, [1]].T
     assert amplification_factor(delta, weight, 1) == pytest.approx(4.0)
-
-
-def test_lora_delta_linear_matches_the_adapter_forward() -> None:
-    generator = torch.Generator().manual_seed(0)
-    a, b = torch.randn(3, 7, generator=generator), torch.randn(5, 3, generator=generator)
-    x = torch.randn(4, 7, generator=generator)
-    delta = lora_delta(a, b, 0.5)
-    assert delta.shape == (5, 7)
-    x, a, b = x.double(), a.double(), b.double()
-    torch.testing.assert_close(x @ delta.T, 0.5 * (x @ a.T @ b.T))
-
-
-def test_lora_delta_conv_matches_conv_then_1x1_conv() -> None:
-    generator = torch.Generator().manual_seed(1)
-    a = torch.randn(2, 3, 3, 3, generator=generator)  # [r, in, kh, kw]
-    b = torch.randn(4, 2, 1, 1, generator=generator)  # [out, r, 1, 1]
-    x = torch.randn(1, 3, 8, 8, generator=generator)
-    delta = lora_delta(a, b, 2.0)
-    assert delta.shape == (4, 3, 3, 3)
-    expected = 2.0 * F.conv2d(F.conv2d(x, a, padding=1), b)
-    torch.testing.assert_close(F.conv2d(x, delta.float(), padding=1), expected)
-
-
-@pytest.mark.parametrize(
-    ("a_shape", "b_shape"),
-    [((3, 7), (5, 3)), ((6, 4), (9, 6)), ((2, 3, 3, 3), (4, 2, 1, 1)), ((5, 8), (3, 5))],
-)
-def test_lora_svd_matches_the_dense_svd(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> None:
-    generator = torch.Generator().manual_seed(2)
-    a = torch.randn(a_shape, generator=generator, dtype=torch.float64)
-    b = torch.randn(b_shape, generator=generator, dtype=torch.float64)
-    u, s, v = lora_svd(a, b, -0.7)
-    dense = lora_delta(a, b, -0.7)
-    flat = dense.reshape(dense.shape[0], -1)
-    m = min(a_shape[0], *flat.shape)
-    assert u.shape == (flat.shape[0], m) and v.shape == (flat.shape[1], m)
-    torch.testing.assert_close(s, singular_values(dense)[:m])
-    torch.testing.assert_close(u @ torch.diag(s) @ v.T, flat)
-    torch.testing.assert_close(u.T @ u, torch.eye(m, dtype=torch.float64))

@@ -1,4 +1,4 @@
-"""analyze_study on synthetic study folders with known answers (see conftest.py)."""
+"""analyze_study on synthetic study folders with known answers (see analysis_testkit.py)."""
 
 from __future__ import annotations
 
@@ -11,16 +11,27 @@ import matplotlib.image
 import pandas as pd
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from lora_lab.analysis import ANALYSIS_CSV, amplification_factor, analyze_study, load_adapter
-from lora_lab.analysis.plots import choose_modules, pick_rank_pair, pick_seed_pair
-from lora_lab.analysis.readers import Adapter
+from lora_lab.analysis import (
+    ANALYSIS_CSV,
+    AdapterRun,
+    amplification_factor,
+    analyze_study,
+    find_runs,
+    load_adapter_run,
+)
+from lora_lab.analysis.plots import choose_layers, pick_rank_pair, pick_seed_pair
+from lora_lab.lora import LoRAConfig, inject_lora, lora_delta_weight, lora_layers, save_adapter
+from lora_lab.results import RunResult
 from tests.analysis.analysis_testkit import (
+    EMBEDDER,
     OUT_DIM,
-    orthonormal_rows,
-    write_adapter,
-    write_checkpoint,
+    toy_weights,
+    write_lora_run,
+    write_results_csv,
+    write_run,
+    write_weights_run,
 )
 
 SQRT26 = math.sqrt(26)
@@ -104,8 +115,10 @@ def test_amplification_matches_the_dense_definition(main_study: Path, table: pd.
     # distinct singular values, so its top-2 directions are well defined).
     weight = load_file(main_study / "checkpoints" / "pretrain.safetensors")["hidden.0.weight"]
     full = load_file(main_study / "checkpoints" / "full_finetune.safetensors")["hidden.0.weight"]
-    adapter = load_adapter(main_study / "adapters" / "rank_2_seed_0", [])
-    expected = amplification_factor(adapter.modules["hidden.0"].delta(), weight, 2)
+    runs = find_runs(main_study, [])
+    run = next(run for run in runs.lora if run.path.name == "rank_2_seed_0")
+    adapter = load_adapter_run(run, runs.pretrain.path, [])
+    expected = amplification_factor(adapter.layers["hidden.0"].delta, weight, 2)
     row = one(table, "lora_vs_full", adapter="rank_2_seed_0", layer="hidden.0")
     assert row["amplification"] == pytest.approx(expected, rel=1e-6)
     assert expected == pytest.approx(
@@ -121,7 +134,7 @@ def test_lora_vs_full_identity_columns_and_conv(table: pd.DataFrame) -> None:
     assert conv["proj_top_r"] == pytest.approx(1, abs=1e-5)
     row = one(table, "lora_vs_full", adapter="rank_4_seed_1", layer="hidden.0")
     assert (row["rank"], row["seed"], row["alpha"]) == (4, 1, 8.0)
-    assert row["test_acc"] == pytest.approx(0.84)  # joined from results.csv
+    assert row["test_acc"] == pytest.approx(0.84)  # from the run's result.json
 
 
 @pytest.mark.parametrize(
@@ -184,7 +197,7 @@ def test_missing_adapters_give_spectrum_only_with_a_note(
     table = analyze_study(study)
     assert set(table["kind"]) == {"spectrum"}
     assert not table["adapted"].any()
-    assert any("adapters" in note and "missing" in note for note in table.attrs["notes"])
+    assert any("no finished LoRA run" in note for note in table.attrs["notes"])
     assert [p.name for p in table.attrs["figures"]] == ["analysis_spectrum.png"]
 
 
@@ -215,24 +228,25 @@ def test_folder_without_inputs_raises_one_clear_line(tmp_path: Path, create: boo
 def test_linear_shift_update_is_rank_one_and_a_rank_one_adapter_finds_it(tmp_path: Path) -> None:
     # The synthetic linear-shift task in miniature: ΔW_full = ones + small noise.
     d_out, d_in = 10, 20
+    model = {"_target_": "lora_lab.models.LinearMap", "d_in": d_in, "d_out": d_out}
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(d_out, d_in, generator=generator)
     shift = torch.ones(d_out, d_in) + 1e-4 * torch.randn(d_out, d_in, generator=generator)
-    write_checkpoint(tmp_path / "checkpoints" / "pretrain.safetensors", {"fc.weight": weight})
-    write_checkpoint(
-        tmp_path / "checkpoints" / "full_finetune.safetensors", {"fc.weight": weight + shift}
+    write_weights_run(tmp_path, "pretrain", "pretrain", {"linear.weight": weight}, model=model)
+    write_weights_run(
+        tmp_path, "full_finetune", "full_finetune", {"linear.weight": weight + shift}, model=model
     )
     # A ∝ a ones row, B ∝ a ones column: the direction, not the exact size, of the shift.
-    write_adapter(
-        tmp_path / "adapters" / "rank_1_seed_0", 1, 1.0,
-        {"fc": (0.3 * torch.ones(1, d_in), 2.0 * torch.ones(d_out, 1))},
+    write_lora_run(
+        tmp_path, "rank_1_seed_0", 1, 1.0, 0,
+        {"linear": (0.3 * torch.ones(1, d_in), 2.0 * torch.ones(d_out, 1))}, model=model,
     )  # fmt: skip
     table = analyze_study(tmp_path, make_plots=False)
-    spectrum = one(table, "spectrum", layer="fc")
+    spectrum = one(table, "spectrum", layer="linear")
     assert spectrum["sigma1_over_sigma2"] > 100
     assert spectrum["effective_rank"] < 1.1
     assert spectrum["rank90"] == spectrum["rank99"] == 1
-    compared = one(table, "lora_vs_full", layer="fc")
+    compared = one(table, "lora_vs_full", layer="linear")
     assert compared["proj_top1"] > 0.99
     assert compared["norm_ratio"] == pytest.approx(0.6, rel=1e-3)  # 0.3·2·ones vs ones
 
@@ -244,25 +258,58 @@ def test_embedding_adapter_delta_is_transposed(tmp_path: Path) -> None:
     a = torch.randn(rank, num, generator=generator)
     b = torch.randn(dim, rank, generator=generator)
     weight = torch.randn(num, dim, generator=generator)
-    write_checkpoint(tmp_path / "checkpoints" / "pretrain.safetensors", {"emb.weight": weight})
-    write_checkpoint(
-        tmp_path / "checkpoints" / "full_finetune.safetensors",
-        {"emb.weight": weight + (b @ a).T * 1.5},
-    )
-    directory = tmp_path / "adapters" / "rank_2_seed_0"
-    directory.mkdir(parents=True)
-    (directory / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 3}))
-    save_file(
-        {
-            "base_model.model.emb.lora_embedding_A": a.contiguous(),
-            "base_model.model.emb.lora_embedding_B": b.contiguous(),
-        },
-        directory / "adapter_model.safetensors",
-    )
+    full = {"emb.weight": weight + (b @ a).T * 1.5}
+    write_weights_run(tmp_path, "pretrain", "pretrain", {"emb.weight": weight}, model=EMBEDDER)
+    write_weights_run(tmp_path, "full_finetune", "full_finetune", full, model=EMBEDDER)
+    write_lora_run(tmp_path, "rank_2_seed_0", rank, 3.0, 0, {"emb": (a, b)}, embedding=True,
+                   model=EMBEDDER)  # fmt: skip
     table = analyze_study(tmp_path, make_plots=False)
     row = one(table, "lora_vs_full", layer="emb")
     assert row["relative_error"] == pytest.approx(0, abs=1e-5)
     assert row["proj_top_r"] == pytest.approx(1, abs=1e-5)
+
+
+def test_dora_delta_is_the_cores_and_matches_the_merged_update(tmp_path: Path) -> None:
+    # The DoRA update m/‖W + s·B·A‖·(W + s·B·A) − W is not B·A·s: the analysis must take
+    # ΔW from the core on the pretrained network.
+    from tests.analysis.analysis_testkit import ToyNet
+
+    generator = torch.Generator().manual_seed(4)
+    pretrain = toy_weights(generator)
+    network = ToyNet()
+    network.load_state_dict({key: value.float() for key, value in pretrain.items()})
+    inject_lora(network, LoRAConfig(rank=2, alpha=4, target_modules=["hidden.0", "conv1"],
+                                    use_dora=True))  # fmt: skip
+    with torch.no_grad():
+        for layer in lora_layers(network).values():
+            for tensor in layer.adapter_parameters():
+                tensor.add_(0.3 * torch.randn(tensor.shape, generator=generator))
+    expected = {
+        name: lora_delta_weight(layer).detach() for name, layer in lora_layers(network).items()
+    }
+    save_adapter(network, tmp_path / "adapters" / "dora")
+    full = {key: value + expected[key.removesuffix(".weight")].double()
+            if key.removesuffix(".weight") in expected else value
+            for key, value in pretrain.items()}  # fmt: skip
+    write_weights_run(tmp_path, "pretrain", "pretrain", pretrain)
+    write_weights_run(tmp_path, "full_finetune", "full_finetune", full)
+    write_run(tmp_path, "lora_dora_r2_a4_s0", "lora", artefact="adapters/dora", rank=2,
+              alpha=4.0, seed=0, method="dora")  # fmt: skip
+
+    notes: list[str] = []
+    runs = find_runs(tmp_path, notes)
+    adapter = load_adapter_run(runs.lora[0], runs.pretrain.path, notes)
+    assert adapter is not None and notes == []
+    assert set(adapter.layers) == {"conv1", "hidden.0"}
+    for name, delta in expected.items():
+        torch.testing.assert_close(adapter.layers[name].delta, delta.double())
+        assert not torch.allclose(delta, lora_layers(network)[name].delta_weight(), atol=1e-3)
+    table = analyze_study(tmp_path, make_plots=False)
+    for layer in ("conv1", "hidden.0"):
+        row = one(table, "lora_vs_full", layer=layer, adapter="dora")
+        assert row["relative_error"] == pytest.approx(0, abs=1e-5)
+        assert row["proj_top_r"] <= 1 + 1e-9
+    assert not [note for note in table.attrs["notes"] if "DoRA" in note]
 
 
 def test_unreadable_and_foreign_files_are_noted_not_fatal(
@@ -271,17 +318,28 @@ def test_unreadable_and_foreign_files_are_noted_not_fatal(
     study = study_builder()
     broken = study / "adapters" / "rank_8_seed_0"
     broken.mkdir()
-    (broken / "adapter_config.json").write_text("{}")
+    (broken / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 8, "target_modules": ["hidden.0"]})
+    )
     (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
-    (study / "adapters" / "rank_16_seed_0").mkdir()  # an unfinished run
+    write_run(study, "lora_r8_a8_s0", "lora", artefact="adapters/rank_8_seed_0", rank=8, seed=0)
+    (study / "adapters" / "rank_16_seed_0").mkdir()  # a run whose adapter went missing
+    write_run(study, "lora_r16_a16_s0", "lora", artefact="adapters/rank_16_seed_0", rank=16)
+    (study / "runs" / "lora_r32_a32_s0").mkdir()
+    (study / "runs" / "lora_r32_a32_s0" / "result.json").write_text("{not json")
     table = analyze_study(study, make_plots=False)
     notes = " | ".join(table.attrs["notes"])
-    assert "rank_8_seed_0" in notes and "rank_16_seed_0" in notes
+    assert "lora_r8_a8_s0" in notes and "adapter weights" in notes
+    assert "lora_r16_a16_s0" in notes and "rank_16_seed_0" in notes
+    assert "lora_r32_a32_s0" in notes and "corrupt" in notes
     assert len(rows(table, "lora_vs_full")) == 6
 
 
-def fake_adapter(rank: int, seed: int | None) -> Adapter:
-    return Adapter(f"rank_{rank}_seed_{seed}", rank, seed, 2.0 * rank, False, {})
+def fake_adapter(rank: int, seed: int | None, **fields: object) -> AdapterRun:
+    """A run with no layers, for the figure choices (which only read identities)."""
+    fields = {"alpha": 2.0 * rank, **fields}
+    run = RunResult(f"r{rank}_s{seed}", "lora", rank=rank, seed=seed, **fields)  # type: ignore[arg-type]
+    return AdapterRun(f"adapter_{rank}_{seed}", run, {})
 
 
 def test_figure_choices_follow_the_paper() -> None:
@@ -296,46 +354,44 @@ def test_figure_choices_follow_the_paper() -> None:
     assert pick_rank_pair([fake_adapter(4, 0), fake_adapter(4, 1)]) is None
 
 
+def test_a_seed_pair_differs_in_the_seed_only() -> None:
+    # An alpha grid: rank 4 at α 1 and 16, seeds 0 and 1 each.
+    grid = [fake_adapter(4, seed, alpha=alpha) for alpha in (1.0, 16.0) for seed in (0, 1)]
+    first, second = pick_seed_pair(grid)
+    assert (first.run.alpha, second.run.alpha, first.seed, second.seed) == (1.0, 1.0, 0, 1)
+    assert pick_seed_pair([fake_adapter(4, 0, alpha=1.0), fake_adapter(4, 1, alpha=16.0)]) is None
+    low, high = pick_rank_pair([*grid, fake_adapter(8, 1, alpha=16.0)])
+    assert (low.seed, low.run.alpha, high.rank) == (1, 16.0, 8)
+
+
 def test_layer_choice_is_all_when_few_else_first_and_head() -> None:
     few = ["hidden.2", "hidden.0", "head"]
-    assert choose_modules(few, {}) == ["head", "hidden.0", "hidden.2"]
+    assert choose_layers(few) == ["head", "hidden.0", "hidden.2"]
     many = ["hidden.0", "hidden.2", "hidden.4", "hidden.6", "hidden.10", "head"]
-    assert choose_modules(many, {}) == ["hidden.0", "head"]
+    assert choose_layers(many) == ["hidden.0", "head"]
     convnet = ["conv1", "conv2", "fc1", "fc2", "fc3"]
-    assert choose_modules(convnet, {}) == ["conv1", "fc3"]
-
-
-def test_a_wrapper_prefix_in_the_checkpoint_still_matches(tmp_path: Path) -> None:
-    q = orthonormal_rows(6, 0)
-    weight = torch.randn(5, 6, generator=torch.Generator().manual_seed(2))
-    delta = torch.outer(torch.ones(5, dtype=torch.float64), q[0])
-    write_checkpoint(tmp_path / "checkpoints" / "pretrain.safetensors", {"net.fc.weight": weight})
-    write_checkpoint(
-        tmp_path / "checkpoints" / "full_finetune.safetensors", {"net.fc.weight": weight + delta}
-    )
-    write_adapter(tmp_path / "adapters" / "rank_1_seed_0", 1, 1.0,
-                  {"fc": (q[:1], torch.ones(5, 1))})  # fmt: skip
-    table = analyze_study(tmp_path, make_plots=False)
-    assert one(table, "spectrum", layer="net.fc")["adapted"]
-    assert one(table, "lora_vs_full", layer="net.fc")["relative_error"] == pytest.approx(
-        0, abs=1e-5
-    )
+    assert choose_layers(convnet) == ["conv1", "fc3"]
 
 
 def test_the_full_finetune_compared_with_is_the_chosen_one(tmp_path: Path) -> None:
     # A baseline per seed and learning rate: the lowest seed at the lr chosen on validation.
-    from lora_lab.analysis.study import full_finetune_file
-
-    rows = [
-        "run_id,stage,seed,learning_rate,selected,status",
-        "pretrain,pretrain,0,0.001,True,ok",
-        "full_finetune_lr0.001_s1,full_finetune,1,0.001,False,ok",
-        "full_finetune_lr0.003_s1,full_finetune,1,0.003,True,ok",
-        "full_finetune_lr0.003_s0,full_finetune,0,0.003,True,ok",
-        "full_finetune_lr0.001_s0,full_finetune,0,0.001,False,ok",
-    ]
-    (tmp_path / "results.csv").write_text("\n".join(rows) + "\n")
-    assert full_finetune_file(tmp_path) == Path("checkpoints/full_finetune_lr0.003_s0.safetensors")
-    (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "full_finetune.safetensors").write_bytes(b"")
-    assert full_finetune_file(tmp_path) == Path("checkpoints/full_finetune.safetensors")
+    state = {"linear.weight": torch.zeros(2, 2)}
+    for run_id, lr, seed in [("full_finetune_lr0.001_s1", 0.001, 1),
+                             ("full_finetune_lr0.003_s1", 0.003, 1),
+                             ("full_finetune_lr0.003_s0", 0.003, 0),
+                             ("full_finetune_lr0.001_s0", 0.001, 0)]:  # fmt: skip
+        write_weights_run(tmp_path, run_id, "full_finetune", state, learning_rate=lr, seed=seed)
+    write_results_csv(tmp_path)
+    table = pd.read_csv(tmp_path / "results.csv")
+    table["selected"] = table["learning_rate"] == 0.003
+    table.to_csv(tmp_path / "results.csv", index=False)
+    notes: list[str] = []
+    runs = find_runs(tmp_path, notes)
+    assert runs.full_finetune.result.run_id == "full_finetune_lr0.003_s0"
+    assert runs.full_finetune.path == tmp_path / "checkpoints/full_finetune_lr0.003_s0.safetensors"
+    assert notes == []
+    # Without a readable results.csv: the lowest seed of any learning rate, with a note.
+    (tmp_path / "results.csv").unlink()
+    runs = find_runs(tmp_path, notes)
+    assert runs.full_finetune.result.run_id == "full_finetune_lr0.001_s0"
+    assert any("results.csv" in note for note in notes)

@@ -1,13 +1,14 @@
-"""Rows of the long analysis table, one builder per `kind`.
+"""The measurements of the analysis: rows of the long `analysis.csv`, one builder per `kind`.
 
 Each builder returns plain dicts; `build_table` fixes the column order and dtypes, so the
-three kinds share one CSV in which a column a kind does not use is empty.
+three kinds share one CSV in which a column a kind does not use is empty. Layers are named as
+in the network (`hidden.0`), which is how both the weights files and the adapters name them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+import re
 from dataclasses import dataclass
 from itertools import combinations
 
@@ -15,7 +16,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from lora_lab.analysis.readers import Adapter, LoraFactors, natural_sorted
+from lora_lab.analysis.adapters import AdapterRun, LayerUpdate
 from lora_lab.analysis.spectra import (
     amplification_from_svd,
     as_matrix,
@@ -46,8 +47,14 @@ _INT_COLUMNS = [
     "rank_a", "seed_a", "rank_b", "seed_b", "grid_size",
 ]  # fmt: skip
 
-# (rank, seed, alpha) -> test accuracy of that LoRA run, or None when unknown.
-AccuracyLookup = Callable[[int, int | None, float], float | None]
+
+def natural_sorted(names: list[str]) -> list[str]:
+    """Sorts layer names the way a reader expects (`hidden.2` before `hidden.10`)."""
+    return sorted(names, key=_natural_key)
+
+
+def _natural_key(text: str) -> list[int | str]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 def weight_layers(state: dict[str, Tensor]) -> dict[str, str]:
@@ -60,28 +67,6 @@ def weight_layers(state: dict[str, Tensor]) -> dict[str, str]:
         for key, tensor in state.items()
         if tensor.ndim in (2, 4) and tensor.is_floating_point()
     }
-
-
-def match_modules(modules: Iterable[str], layers: Iterable[str]) -> dict[str, str]:
-    """Maps adapter module names onto checkpoint layer names.
-
-    Exact names first; otherwise a unique suffix match, which absorbs a wrapper prefix
-    (e.g. `net.hidden.0` in a checkpoint saved from a LightningModule). Unmatched modules
-    are left out.
-    """
-    layers = list(layers)
-    mapping = {}
-    for module in modules:
-        if module in layers:
-            mapping[module] = module
-            continue
-        candidates = [
-            layer for layer in layers
-            if layer.endswith("." + module) or module.endswith("." + layer)
-        ]  # fmt: skip
-        if len(candidates) == 1:
-            mapping[module] = candidates[0]
-    return mapping
 
 
 def _shape(tensor: Tensor) -> str:
@@ -152,26 +137,21 @@ def spectrum_rows(
 
 
 def lora_vs_full_rows(
-    updates: dict[str, FullUpdate],
-    adapters: list[Adapter],
-    module_to_layer: dict[str, str],
-    accuracy: AccuracyLookup,
-    notes: list[str],
+    updates: dict[str, FullUpdate], adapters: list[AdapterRun], notes: list[str]
 ) -> list[dict]:
     """One `lora_vs_full` row per (adapter, adapted layer) with a full-finetune ΔW."""
     rows, unmatched = [], set()
     for adapter in adapters:
-        for module, factors in adapter.modules.items():
-            layer = module_to_layer.get(module)
-            if layer is None or layer not in updates:
-                unmatched.add(module)
+        for layer, update in adapter.layers.items():
+            if layer not in updates:
+                unmatched.add(layer)
                 continue
-            full, lora = updates[layer], factors.delta()
+            full, lora = updates[layer], update.delta
             if lora.shape != full.delta.shape:
-                notes.append(f"{adapter.name}/{module}: ΔW {_shape(lora)} != {_shape(full.delta)}")
+                notes.append(f"{adapter.name}/{layer}: ΔW {_shape(lora)} != {_shape(full.delta)}")
                 continue
             full_norm, lora_norm = float(full.s.square().sum().sqrt()), float(lora.norm())
-            k = min(factors.rank, len(full.s))
+            k = min(update.rank, len(full.s))
             shares = {top: math.nan for top in (1, k)}
             if full_norm > 0:  # a zero ΔW_full has no singular directions to project onto
                 shares = {
@@ -180,30 +160,30 @@ def lora_vs_full_rows(
             rows.append({
                 "kind": LORA_VS_FULL, "layer": layer, "shape": _shape(full.delta),
                 "adapter": adapter.name, "rank": adapter.rank, "seed": adapter.seed,
-                "alpha": adapter.alpha, "scaling": factors.scaling, "k_top_r": k,
+                "alpha": adapter.alpha, "scaling": update.scaling, "k_top_r": k,
                 "proj_top1": shares[1], "proj_top_r": shares[k],
                 "relative_error": relative_error(lora, full.delta),
                 "norm_ratio": _ratio(lora_norm, full_norm),
-                "amplification": amplification(factors, full.weight, k, lora_norm),
-                "test_acc": accuracy(adapter.rank, adapter.seed, adapter.alpha),
+                "amplification": amplification(update, full.weight, k, lora_norm),
+                "test_acc": adapter.run.test_acc,
             })  # fmt: skip
     if unmatched:
         notes.append(
-            "adapter modules without a full-finetune ΔW, no lora_vs_full rows: "
+            "adapted layers without a full-finetune ΔW, no lora_vs_full rows: "
             + ", ".join(natural_sorted(list(unmatched)))
         )
     return rows
 
 
-def amplification(factors: LoraFactors, weight: Tensor, k: int, lora_norm: float) -> float:
-    """§7.3 amplification ‖ΔW‖ / ‖U_kᵀ W V_k‖ of a LoRA update, via its factored SVD."""
+def amplification(update: LayerUpdate, weight: Tensor, k: int, lora_norm: float) -> float:
+    """§7.3 amplification ‖ΔW‖ / ‖U_kᵀ W V_k‖ of a LoRA update, U_k, V_k from its own SVD."""
     if lora_norm == 0:
         return math.nan  # a zero update has no directions to amplify
-    u, _, v = factors.svd()
+    u, _, v = update.svd
     return amplification_from_svd(weight, u[:, :k], v[:, :k], lora_norm)
 
 
-def subspace_rows(adapters: list[Adapter], module_to_layer: dict[str, str]) -> list[dict]:
+def subspace_rows(adapters: list[AdapterRun]) -> list[dict]:
     """One `subspace` row per layer and unordered pair of adapters that both adapt it.
 
     φ is summarised on the square grid i, j <= m with m = min(r_a, r_b, in): `phi_top1` is
@@ -211,17 +191,17 @@ def subspace_rows(adapters: list[Adapter], module_to_layer: dict[str, str]) -> l
     grid mean.
     """
     rows = []
-    modules = natural_sorted(list({m for adapter in adapters for m in adapter.modules}))
-    for module in modules:
-        holders = [adapter for adapter in adapters if module in adapter.modules]
+    layers = natural_sorted(list({layer for adapter in adapters for layer in adapter.layers}))
+    for layer in layers:
+        holders = [adapter for adapter in adapters if layer in adapter.layers]
         for first, second in combinations(holders, 2):
-            v1, v2 = first.modules[module].input_basis, second.modules[module].input_basis
+            v1, v2 = first.layers[layer].input_basis, second.layers[layer].input_basis
             if v1.shape[1] != v2.shape[1]:
                 continue
             size = min(v1.shape[0], v2.shape[0])  # = min(r_a, r_b, in)
             grid = similarity_grid_from_bases(v1, v2, size, size)
             rows.append({
-                "kind": SUBSPACE, "layer": module_to_layer.get(module, module),
+                "kind": SUBSPACE, "layer": layer,
                 "adapter_a": first.name, "rank_a": first.rank, "seed_a": first.seed,
                 "adapter_b": second.name, "rank_b": second.rank, "seed_b": second.seed,
                 "grid_size": size, "phi_top1": float(grid[0, 0]),
