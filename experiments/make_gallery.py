@@ -37,8 +37,10 @@ STUDIES: dict[str, list[str]] = {
         "sweep.seeds=[0,1,2]",
     ],
 }
-#: Studies without the §7 analysis: it reads plain LoRA factors, and a methods study's DoRA
-#: magnitudes and PiSSA's rank-2r conversion are not what it measures.
+#: Studies without the §7 analysis. The analysis reads DoRA and PiSSA adapters correctly (ΔW
+#: from the core's `lora_delta_weight`), but it compares every pair of adapters: the methods
+#: study's 105 adapters make 5,460 pairs per layer, and subspaces across methods are not what
+#: that study asks about.
 NO_ANALYSIS = {"fashion_mnist_methods"}
 KEEP = ("results.csv", "analysis.csv", "*.png")
 
