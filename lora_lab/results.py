@@ -222,6 +222,12 @@ def find_results(root: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
     return results, problems
 
 
+def round_metric(value: float) -> float:
+    """A float32 metric as the table writes it: 0.868, not 0.8679999709129333 (6 significant
+    digits); an empty value stays empty."""
+    return float(f"{value:.6g}") if pd.notna(value) else value
+
+
 def results_frame(
     records: list[Mapping[str, Any]],
     select: Callable[[pd.DataFrame], pd.Series] | None = None,
@@ -248,20 +254,12 @@ def results_frame(
     # Integers stay integers next to empty cells (pretrain rows have no rank).
     for column in INTEGER_COLUMNS:
         frame[column] = pd.to_numeric(frame[column]).astype("Int64")
-    # Metrics are float32 values: 0.868, not 0.8679999709129333 (6 significant digits).
     for column in (*METRIC_COLUMNS, *extra):
         if pd.api.types.is_float_dtype(frame[column]):
-            frame[column] = frame[column].map(lambda v: float(f"{v:.6g}") if pd.notna(v) else v)
+            frame[column] = frame[column].map(round_metric)
     if len(frame) and select is not None:
         frame["selected"] = select(normalize_results(frame)).to_numpy()
-    order = {stage: index for index, stage in enumerate(STAGE_ORDER)}
-    if len(frame):
-        frame = frame.sort_values(
-            by=["stage", "rank", "alpha", "learning_rate", "seed", "run_id"],
-            key=lambda col: col.map(order) if col.name == "stage" else col,
-            na_position="first",
-        ).reset_index(drop=True)
-    return frame
+    return sort_by_stage(frame, then=("run_id",))
 
 
 def check_columns(df: pd.DataFrame, source: str | Path) -> None:
@@ -329,12 +327,15 @@ def ok_runs(df: pd.DataFrame, stage: str | None = None) -> pd.DataFrame:
     return rows
 
 
-def sort_by_stage(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows in `STAGE_ORDER` (unknown stages last), then by rank, alpha, lr and seed."""
+def sort_by_stage(df: pd.DataFrame, then: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Rows in `STAGE_ORDER` (unknown stages last), then by rank, alpha, lr, seed and `then`;
+    empty cells first (a stable sort: ties keep their order)."""
     stage_index = {stage: i for i, stage in enumerate(STAGE_ORDER)}
     key = df["stage"].map(lambda s: stage_index.get(s, len(STAGE_ORDER)))
-    present = [c for c in ("rank", "alpha", "learning_rate", "seed") if c in df.columns]
-    ordered = df.assign(_stage=key).sort_values(["_stage", *present], kind="stable")
+    present = [c for c in ("rank", "alpha", "learning_rate", "seed", *then) if c in df.columns]
+    ordered = df.assign(_stage=key).sort_values(
+        ["_stage", *present], kind="stable", na_position="first"
+    )
     return ordered.drop(columns="_stage").reset_index(drop=True)
 
 

@@ -18,6 +18,7 @@ from lora_lab.results import (
     results_frame,
     write_result,
 )
+from tests.report.fakes import make_results
 
 
 def finished(**changes) -> RunResult:
@@ -66,3 +67,19 @@ def test_corrupt_result_files_are_reported_not_dropped(tmp_path: Path):
     (tmp_path / "runs" / "bad" / RESULT_FILE).write_text("{not json")
     results, problems = find_results(tmp_path)
     assert results == [] and len(problems) == 1 and "runs/bad/result.json" in problems[0]
+
+
+def test_read_results_keeps_text_as_text_and_blanks_empty_errors(tmp_path: Path) -> None:
+    df = make_results(ranks=(1,), seeds=(0,))
+    df.loc[0, "run_id"] = "007"
+    df.to_csv(tmp_path / "results.csv", index=False)
+    read = read_results(tmp_path / "results.csv")
+    assert read.loc[0, "run_id"] == "007"  # not the integer 7
+    assert (read["error"] == "").all()
+    assert read["rank"].dtype == float and read["rank"].isna().sum() == 2
+
+
+def test_empty_results_file_is_a_value_error(tmp_path: Path) -> None:
+    (tmp_path / "results.csv").write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        read_results(tmp_path / "results.csv")

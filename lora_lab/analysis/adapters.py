@@ -152,7 +152,7 @@ def load_adapter_run(run: StudyRun, pretrain: Path | None, notes: list[str]) -> 
             )
             for name, layer in lora_layers(network).items()
         }
-    return AdapterRun(run.path.name, result, layers)
+    return AdapterRun(run.label or run.path.name, result, layers)
 
 
 def _order(adapter: AdapterRun) -> tuple:

@@ -26,6 +26,7 @@ from lora_lab.analysis.spectra import (
     share_in_subspace,
     similarity_grid_from_bases,
 )
+from lora_lab.results import round_metric
 
 SPECTRUM, LORA_VS_FULL, SUBSPACE = "spectrum", "lora_vs_full", "subspace"
 
@@ -165,7 +166,7 @@ def lora_vs_full_rows(
                 "relative_error": relative_error(lora, full.delta),
                 "norm_ratio": _ratio(lora_norm, full_norm),
                 "amplification": amplification(update, full.weight, k, lora_norm),
-                "test_acc": adapter.run.test_acc,
+                "test_acc": None if adapter.run.test_acc is None else round_metric(adapter.run.test_acc),
             })  # fmt: skip
     if unmatched:
         notes.append(

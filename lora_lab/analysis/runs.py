@@ -30,11 +30,15 @@ class StudyRun:
             finetune).
         model: The `_target_` node of the network it trained (`config.model` of the record);
             None when the record holds no config.
+        label: What tables and figures call it: the artefact's name (`rank_4_seed_0`), with
+            its job folder in front under a multirun root (`1/adapters/rank_4_seed_0`), where
+            several jobs hold an adapter of one name.
     """
 
     result: RunResult
     path: Path
     model: Mapping[str, Any] | None
+    label: str = ""
 
 
 @dataclass(frozen=True)
@@ -79,16 +83,18 @@ def _usable_run(study: Path, record: Mapping[str, Any], notes: list[str]) -> Stu
     if not result.artefact:
         # A study written before records named their artefact: its files are not guessed.
         notes.append(
-            f"run {result.run_id}: result.json names no artefact (older lora_lab); skipped"
+            f"run {result.run_id}: result.json names no artefact (a study from before lora_lab "
+            "recorded it); skipped: rerun the study with sweep.restart=true to analyse it"
         )
         return None
     # The artefact is relative to the run's own study, the folder that holds its
     # `runs/<run_id>/`: under a Hydra multirun each job folder is a study of its own.
-    own_study = study / Path(result.run_dir).parent.parent
+    job = Path(result.run_dir).parent.parent
     config = record.get("config")
     model = config.get("model") if isinstance(config, Mapping) else None
     model = model if isinstance(model, Mapping) else None
-    return StudyRun(result, own_study / result.artefact, model)
+    label = Path(result.artefact).name if job == Path() else (job / result.artefact).as_posix()
+    return StudyRun(result, study / job / result.artefact, model, label)
 
 
 def _seed_then_id(run: StudyRun) -> tuple[int, str]:

@@ -31,7 +31,8 @@ def prepend_log(run_dir: Path, earlier: pd.DataFrame) -> None:
     """Put the epochs logged before an interruption back in front of the resumed run's log."""
     path = run_dir / "logs" / "metrics.csv"
     later = pd.read_csv(path) if path.is_file() else earlier.iloc[0:0]
-    atomic_write_text(path, pd.concat([earlier, later], ignore_index=True).to_csv(index=False))
+    rows = pd.concat([earlier, later], ignore_index=True)
+    atomic_write_text(path, rows.to_csv(index=False), fsync=True)
 
 
 def _checkpoint_epoch(path: Path) -> int | None:

@@ -31,6 +31,7 @@ from lora_lab.lora import save_adapter
 from lora_lab.lora.grouped import check_grouped
 from lora_lab.models import TaskModule
 from lora_lab.models.fused import FusedLoRAModule
+from lora_lab.pipeline.builders import build_module, single_device_trainer
 from lora_lab.pipeline.checkpointing import (
     FinishedEpochs,
     epoch_checkpoint,
@@ -52,7 +53,6 @@ from lora_lab.pipeline.record import (
 )
 from lora_lab.pipeline.resume import CHECKPOINT_FILE
 from lora_lab.pipeline.run_config import adapter_name_for, run_id_for
-from lora_lab.pipeline.sequential import build_module, single_device_trainer
 from lora_lab.pipeline.threads import ThreadBudget
 from lora_lab.results import RunResult
 

@@ -261,10 +261,9 @@ class ReplicaCheck(Callback):
             digests = [""] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(digests, digest)
         if trainer.is_global_zero:
-            record = {"world_size": len(digests), "digests": digests}
-            atomic_write_text(
-                Path(trainer.default_root_dir) / REPLICAS_FILE, json.dumps(record, indent=2) + "\n"
-            )
+            replicas = {"world_size": len(digests), "digests": digests}
+            path = Path(trainer.default_root_dir) / REPLICAS_FILE
+            atomic_write_text(path, json.dumps(replicas, indent=2) + "\n", fsync=True)
         if len(set(digests)) > 1:
             raise RuntimeError(
                 f"DDP replicas differ after training: trainable-weight hashes {digests}"

@@ -50,7 +50,7 @@ class PlannedRun:
     adapter: str = ""
 
     @property
-    def artefact(self) -> str:
+    def artefact_file(self) -> str:
         """The file the run leaves for later stages and `lora-lab analyze`, relative to the
         study: its adapter's weights, or its network weights."""
         if self.stage == "lora":

@@ -67,7 +67,7 @@ class Progress:
         todo = []
         for index, run in enumerate(self.runs):
             run_dir = self.study_dir / "runs" / run.run_id
-            if finished(run_dir, run.identity) and (self.study_dir / run.artefact).is_file():
+            if finished(run_dir, run.identity) and (self.study_dir / run.artefact_file).is_file():
                 say(f"[{index + 1}/{len(self.runs)}] {run.label()} … done earlier, skipped")
                 self.total_epochs -= run.epochs
                 self.skipped.append(run.run_id)

@@ -12,8 +12,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lora_lab.pipeline.methods import method_patch
+from lora_lab.results import STAGE_ORDER
 
-STAGES = ("pretrain", "full_finetune", "lora")
+STAGES = STAGE_ORDER  # the result type's stage order
 
 
 def run_id_for(

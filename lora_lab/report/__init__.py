@@ -1,7 +1,9 @@
 """Reporting layer: seaborn plots and a Markdown report drawn from a study's results files.
 
-Depends on nothing else in ``lora_lab`` (no torch, Lightning or Hydra): it reads
-``results.csv`` and friends, so it can report on any finished (or partly failed) study.
+It imports only the result type (``lora_lab.results``), the shared figure style
+(``lora_lab.plotting``) and the atomic writer, and no torch, Lightning or Hydra (import-linter
+checks both): it reads ``results.csv`` and friends, so it can report on any finished (or partly
+failed) study.
 """
 
 from lora_lab.report.markdown import summary_table, write_report

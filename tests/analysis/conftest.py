@@ -1,4 +1,4 @@
-"""Fixtures: synthetic study folders (built by analysis_testkit) for analyze_study."""
+"""Fixtures: synthetic study folders (built by testkit) for analyze_study."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lora_lab.analysis import analyze_study
-from tests.analysis.analysis_testkit import build_main_study
+from tests.analysis.testkit import build_main_study
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lora_lab.analysis import analyze_study
-from tests.analysis.analysis_testkit import (
+from tests.analysis.testkit import (
     IN_DIM,
     OUT_DIM,
     toy_weights,
@@ -145,3 +145,16 @@ def test_analysis_csv_keeps_its_columns(tmp_path: Path) -> None:
         "adapter_a", "rank_a", "seed_a", "adapter_b", "rank_b", "seed_b",
         "grid_size", "phi_top1", "phi_mean", "phi_full",
     ]  # fmt: skip
+
+
+def test_adapters_of_one_name_in_two_jobs_keep_apart(tmp_path: Path) -> None:
+    # `lora-lab train -m stage=lora lora.alpha=4,16`: both jobs name their adapter rank_4_seed_0.
+    for job, alpha in (("0", 4.0), ("1", 16.0)):
+        factors = {"hidden.0": (torch.randn(4, IN_DIM), torch.randn(OUT_DIM, 4))}
+        write_lora_run(tmp_path / job, "rank_4_seed_0", 4, alpha, 0, factors)
+    table = analyze_study(tmp_path, make_plots=False)
+    (pair,) = table[table["kind"] == "subspace"].itertuples()
+    assert {pair.adapter_a, pair.adapter_b} == {
+        "0/adapters/rank_4_seed_0",
+        "1/adapters/rank_4_seed_0",
+    }

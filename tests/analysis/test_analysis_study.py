@@ -1,4 +1,4 @@
-"""analyze_study on synthetic study folders with known answers (see analysis_testkit.py)."""
+"""analyze_study on synthetic study folders with known answers (see testkit.py)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from lora_lab.analysis import (
 from lora_lab.analysis.plots import choose_layers, pick_rank_pair, pick_seed_pair
 from lora_lab.lora import LoRAConfig, inject_lora, lora_delta_weight, lora_layers, save_adapter
 from lora_lab.results import RunResult
-from tests.analysis.analysis_testkit import (
+from tests.analysis.testkit import (
     EMBEDDER,
     OUT_DIM,
     toy_weights,
@@ -272,7 +272,7 @@ def test_embedding_adapter_delta_is_transposed(tmp_path: Path) -> None:
 def test_dora_delta_is_the_cores_and_matches_the_merged_update(tmp_path: Path) -> None:
     # The DoRA update m/‖W + s·B·A‖·(W + s·B·A) − W is not B·A·s: the analysis must take
     # ΔW from the core on the pretrained network.
-    from tests.analysis.analysis_testkit import ToyNet
+    from tests.analysis.testkit import ToyNet
 
     generator = torch.Generator().manual_seed(4)
     pretrain = toy_weights(generator)

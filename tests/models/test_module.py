@@ -116,3 +116,8 @@ def test_fused_classifier_members_count_correct_per_member():
     trainer.test(fused, dataloaders=data, verbose=False)
     assert all(set(m) == {"test_loss", "test_acc"} for m in fused.test_metrics.values())
     assert all(member.per_class_test_acc.shape == (3,) for member in members)
+    features, target = next(iter(data))
+    for k, member in enumerate(members):  # each member's count is its own, as if alone
+        with torch.no_grad():
+            alone = (member.network(features).argmax(-1) == target).float().mean().item()
+        assert fused.test_metrics[k]["test_acc"] == pytest.approx(alone)

@@ -14,8 +14,8 @@ from lora_lab.data.fakes import write_fake_cifar10, write_fake_mnist
 from lora_lab.lora import LoRAConfig
 from lora_lab.models import lora_variant, save_network_weights
 from lora_lab.pipeline import plan, stage_config
+from lora_lab.pipeline.builders import build_module
 from lora_lab.pipeline.methods import lora_config_of
-from lora_lab.pipeline.sequential import build_module
 from tests.pipeline.study_config import composed
 
 

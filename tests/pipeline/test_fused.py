@@ -36,7 +36,7 @@ PLATEAU = (
 )
 
 
-def composed(folder: Path, *overrides: str) -> DictConfig:
+def composed_in(folder: Path, *overrides: str) -> DictConfig:
     """The tiny study of `tiny_study_overrides` on files under `folder`, writing to folder/out."""
     tiny = [*tiny_study_overrides(folder), f"output_dir={folder / 'out'}"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -57,7 +57,7 @@ def base_weights(cfg: DictConfig, folder: Path) -> Path:
 def study(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """Ranks 1, 2, 4 trained fused and, as the reference, one after another by `run_stage`."""
     folder = tmp_path_factory.mktemp("fused")
-    cfg = composed(
+    cfg = composed_in(
         folder,
         "sweep.ranks=[1,2,4]",
         "stages.lora.max_epochs=3",
@@ -200,7 +200,7 @@ def test_grouped_network_gives_each_adapter_its_own_output_and_gradient():
 
 
 def test_runs_that_cannot_fuse_say_why(tmp_path: Path, caplog: pytest.LogCaptureFixture):
-    runs = lora_runs(composed(tmp_path, "sweep.ranks=[1,2,4]"))
+    runs = lora_runs(composed_in(tmp_path, "sweep.ranks=[1,2,4]"))
     with open_dict(runs[2].cfg):
         runs[2].cfg.trainer.max_epochs = 7
     groups, alone = fusion.fusable(runs)
@@ -221,7 +221,7 @@ def test_runs_that_cannot_fuse_say_why(tmp_path: Path, caplog: pytest.LogCapture
     assert groups == [] and len(alone) == 3
     assert "trainer.gradient_clip_val=1.0: Lightning clips gradients only" in alone[0][1]
 
-    conv = composed(
+    conv = composed_in(
         tmp_path, "model=convnet", "sweep.ranks=[1,2]", "lora.target_modules=[conv1,fc1]"
     )
     conv_runs = lora_runs(conv)
@@ -237,22 +237,22 @@ def test_runs_that_cannot_fuse_say_why(tmp_path: Path, caplog: pytest.LogCapture
 
 
 def test_seeds_fuse_only_when_they_share_the_data(tmp_path: Path):
-    runs = lora_runs(composed(tmp_path, "sweep.ranks=[1,2]", "sweep.seeds=[0,1]"))
+    runs = lora_runs(composed_in(tmp_path, "sweep.ranks=[1,2]", "sweep.seeds=[0,1]"))
     groups, alone = fusion.fusable(runs)
     assert [[(r.rank, r.seed) for r in group] for group in groups] == [
         [(1, 0), (2, 0)],
         [(1, 1), (2, 1)],
     ]
     assert alone == []
-    one_rank = lora_runs(composed(tmp_path, "sweep.ranks=[4]", "sweep.seeds=[0,1]"))
+    one_rank = lora_runs(composed_in(tmp_path, "sweep.ranks=[4]", "sweep.seeds=[0,1]"))
     groups, alone = fusion.fusable(one_rank)
     assert groups == [] and all("data.seed" in reason for _, reason in alone)
-    fixed = lora_runs(composed(tmp_path, "sweep.ranks=[4]", "sweep.seeds=[0,1]", "data.seed=0"))
+    fixed = lora_runs(composed_in(tmp_path, "sweep.ranks=[4]", "sweep.seeds=[0,1]", "data.seed=0"))
     assert fusion.fusable(fixed) == ([fixed], [])
 
 
 def test_a_diverging_adapter_fails_alone(tmp_path: Path):
-    cfg = composed(tmp_path, "sweep.ranks=[1,2]", "lora.alpha=1", "stages.lora.max_epochs=2")
+    cfg = composed_in(tmp_path, "sweep.ranks=[1,2]", "lora.alpha=1", "stages.lora.max_epochs=2")
     runs = lora_runs(cfg)
     with open_dict(runs[1].cfg):
         runs[1].cfg.lora.alpha = 1e20  # its loss overflows within a few steps
@@ -264,7 +264,7 @@ def test_a_diverging_adapter_fails_alone(tmp_path: Path):
 
 def test_convnet_adapters_behind_shared_convolutions_fuse(tmp_path: Path):
     # all-linear wraps fc1, fc2 and head: the frozen convolutions run once for all adapters.
-    cfg = composed(tmp_path, "model=convnet", "sweep.ranks=[1,4]")
+    cfg = composed_in(tmp_path, "model=convnet", "sweep.ranks=[1,4]")
     runs = lora_runs(cfg)
     assert fusion.fusable(runs) == ([runs], [])
     _, module, _ = fused.build_pass(runs, tmp_path / "study", base_weights(cfg, tmp_path))
@@ -288,7 +288,7 @@ def test_a_rank_alpha_lr_grid_trains_exactly_as_sequential_runs(tmp_path: Path):
     where its own sequential run ends (1e-5), with plateau schedules that fire for some
     members and not others (on random labels, a val loss that rises by over 1e-3 is a plateau:
     the large learning rate's members hit it, the tiny one's do not)."""
-    cfg = composed(
+    cfg = composed_in(
         tmp_path,
         "sweep.ranks=[1,4]",
         "sweep.alphas=[1,4]",
@@ -331,12 +331,12 @@ def test_the_planner_fuses_on_any_accelerator_and_precision(
     # should for a real run); what is under test here is the grouping.
     plan_module = importlib.import_module("lora_lab.pipeline.plan")  # the module, not plan()
     monkeypatch.setattr(plan_module, "check_builds", lambda *args: None)
-    runs = lora_runs(composed(tmp_path, "sweep.ranks=[1,2,4]", *overrides))
+    runs = lora_runs(composed_in(tmp_path, "sweep.ranks=[1,2,4]", *overrides))
     assert fusion.fusable(runs) == ([runs], [])
 
 
 def test_a_bf16_mixed_pass_trains_under_lightning_autocast(tmp_path: Path):
-    cfg = composed(tmp_path, "sweep.ranks=[1,2]", "trainer.precision=bf16-mixed")
+    cfg = composed_in(tmp_path, "sweep.ranks=[1,2]", "trainer.precision=bf16-mixed")
     rows = fused.run_fused_group(
         lora_runs(cfg), tmp_path / "study", base_weights(cfg, tmp_path), {}
     )
@@ -368,7 +368,7 @@ def test_under_autocast_small_adapter_updates_still_count():
 def test_a_resumed_pass_continues_every_members_optimizer_and_schedule(tmp_path: Path):
     """Stopped after epoch 2 and resumed from Lightning's checkpoint, a pass ends exactly where
     an uninterrupted one ends: adapters, optimizer state and each member's plateau schedule."""
-    cfg = composed(
+    cfg = composed_in(
         tmp_path,
         "sweep.ranks=[1,4]",
         "sweep.learning_rates=[1e-5,3e-2]",

@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 from lora_lab.cli import main
 from lora_lab.models import MLP
 from lora_lab.pipeline import fusion
+from lora_lab.pipeline.builders import build_module
 from lora_lab.pipeline.methods import available_methods
 from lora_lab.pipeline.plan import plan
-from lora_lab.pipeline.sequential import build_module
 from lora_lab.report.tables import method_comparison
 from tests.pipeline.study_config import composed, tiny_study_overrides
 

@@ -26,8 +26,8 @@ from lora_lab.results import RunResult, find_results, results_frame, write_resul
 
 IN_DIM, OUT_DIM = 12, 16
 ALPHA_R2, ALPHA_R4 = 4.0, 8.0
-TOY_NET: dict[str, Any] = {"_target_": "tests.analysis.analysis_testkit.ToyNet"}
-EMBEDDER: dict[str, Any] = {"_target_": "tests.analysis.analysis_testkit.Embedder"}
+TOY_NET: dict[str, Any] = {"_target_": "tests.analysis.testkit.ToyNet"}
+EMBEDDER: dict[str, Any] = {"_target_": "tests.analysis.testkit.Embedder"}
 
 
 class ToyNet(nn.Module):
