@@ -84,11 +84,29 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     Raises:
         ValueError: If the model carries no adapter.
     """
+    tensors, peft = adapter_file_contents(model)
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    # Atomic writes (temp file + rename), with the umask's file mode.
+    weights = save_safetensors_bytes(tensors, metadata={"format": "pt"})
+    config_text = json.dumps(peft, indent=2) + "\n"
+    atomic_write_bytes(folder / WEIGHTS_NAME, weights, fsync=True)
+    atomic_write_bytes(folder / CONFIG_NAME, config_text.encode(), fsync=True)
+    return folder
+
+
+def adapter_file_contents(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """What `save_adapter` writes: the tensors, copied to the host, and the PEFT config.
+
+    The model's tensors may live on any device (a GPU after training); every tensor returned
+    is a contiguous host copy keyed as in the file (`base_model.model.<module>.lora_A.weight`).
+
+    Raises:
+        ValueError: If the model carries no adapter.
+    """
     state = adapter_state(model)
     if state is None or not lora_layers(model):
         raise ValueError("model has no LoRA adapter to save; call inject_lora first")
-    folder = Path(directory)
-    folder.mkdir(parents=True, exist_ok=True)
     live, config = _saved_tensors(model, state)
     # Clone: safetensors refuses tensors that share storage (e.g. tied modules_to_save weights).
     tensors = {
@@ -99,12 +117,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     peft = config.to_peft_dict(
         _peft_targets(model, state.targets), list(state.modules_to_save) or None
     )
-    # Atomic writes (temp file + rename), with the umask's file mode.
-    weights = save_safetensors_bytes(tensors, metadata={"format": "pt"})
-    config_text = json.dumps(peft, indent=2) + "\n"
-    atomic_write_bytes(folder / WEIGHTS_NAME, weights, fsync=True)
-    atomic_write_bytes(folder / CONFIG_NAME, config_text.encode(), fsync=True)
-    return folder
+    return tensors, peft
 
 
 def _saved_tensors(model: nn.Module, state: AdapterState) -> tuple[dict[str, Tensor], LoRAConfig]:

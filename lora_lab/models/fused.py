@@ -12,7 +12,9 @@ optimizers differ only in learning rate share one optimizer with a param group e
 (`member_optim`), which computes the same and steps once a batch; others get one each.
 The stock `Trainer` drives it, so devices, precision, DDP, checkpoints and resume, and the
 progress bar are Lightning's. Each member's epoch rows go to that member's own loggers, as its
-sequential run would write them; a member whose loss turns non-finite stops alone.
+sequential run would write them; a member whose loss turns non-finite stops alone. As in the
+sequential module, a training step never reads the device: non-finite losses are flagged on
+the device and read every `finite_check_every` batches, before validation and at epoch end.
 """
 
 from __future__ import annotations
@@ -27,7 +29,13 @@ from torch import nn
 
 from lora_lab.lora.grouped import cross_entropy_per_adapter, group_networks, share_frozen
 from lora_lab.models.member_optim import member_optimizers
-from lora_lab.models.module import ClassifierModule, TaskModule
+from lora_lab.models.module import (
+    ClassifierModule,
+    TaskModule,
+    restore_rng_state,
+    save_rng_state,
+    sum_dtype,
+)
 
 SPLITS = ("train", "val", "test")
 
@@ -44,6 +52,8 @@ class FusedLoRAModule(L.LightningModule):
     and each member's `per_class_test_acc` is set as `trainer.test` sets it.
     """
 
+    finite_check_every = TaskModule.finite_check_every
+
     def __init__(
         self,
         members: Sequence[TaskModule],
@@ -57,6 +67,9 @@ class FusedLoRAModule(L.LightningModule):
         # Buffers, so a checkpoint (and a spawned DDP worker's returned weights) carry them.
         self.register_buffer("active", torch.ones(len(members), dtype=torch.bool))
         self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
+        # While training, the host's copy of `active` (read once a fit, after a resume has
+        # restored the buffer, so that a step does not read the device); None: read the buffer.
+        self._active_host: list[bool] | None = None
         self.errors: list[str | None] = [None] * len(members)
         self.grouped = group_networks([m.network for m in members])
         self._grouped_for = list(range(len(members)))
@@ -72,7 +85,8 @@ class FusedLoRAModule(L.LightningModule):
     # -- the grouped forward ------------------------------------------------------------------
     def indices(self) -> list[int]:
         """The members still training (all, unless a loss went non-finite)."""
-        return [k for k, ok in enumerate(self.active.tolist()) if ok]
+        active = self.active.tolist() if self._active_host is None else self._active_host
+        return [k for k, ok in enumerate(active) if ok]
 
     def _refresh(self) -> list[int]:
         """Regroup the networks if the set of active members changed (e.g. after a resume)."""
@@ -112,7 +126,8 @@ class FusedLoRAModule(L.LightningModule):
         correct = torch.zeros_like(count) if correct is None else correct.to(count.dtype)
         # [loss·n, correct, n] per member; the loss weighted by batch size, as Lightning does
         batch = torch.stack([losses.detach().to(count.dtype) * count, correct, count], dim=1)
-        self._sums[split].index_add_(0, rows, batch)
+        # index_put_ with accumulate has a deterministic CUDA kernel; index_add_ has none.
+        self._sums[split].index_put_((rows,), batch, accumulate=True)
 
     def _rows(self, indices: list[int], device: torch.device) -> torch.Tensor:
         """`indices` as a tensor on `device`, made once per set of active members."""
@@ -124,7 +139,7 @@ class FusedLoRAModule(L.LightningModule):
 
     def _start(self, split: str) -> list[int]:
         # float64 sums, as the sequential module keeps, where the device has float64
-        dtype = torch.float32 if self.device.type == "mps" else torch.float64
+        dtype = sum_dtype(self.device)
         self._sums[split] = torch.zeros(len(self.members), 3, dtype=dtype, device=self.device)
         return self._refresh()
 
@@ -151,6 +166,8 @@ class FusedLoRAModule(L.LightningModule):
 
     # -- training -----------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
+        # Per member, the batch of this epoch's first non-finite loss (-1: none).
+        self._bad_batch = torch.full((len(self.members),), -1, device=self.device)
         self._start("train")
 
     def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
@@ -160,39 +177,55 @@ class FusedLoRAModule(L.LightningModule):
             self.trainer.should_stop = True
             return
         outputs, losses = self._losses(inputs, target, indices)
-        # Every process must drop the same members: a loss non-finite anywhere counts.
-        bad = self.trainer.strategy.reduce(
-            (~torch.isfinite(losses.detach())).float(), reduce_op="sum"
-        )
-        finite = (bad == 0).tolist()
+        finite = torch.isfinite(losses.detach())
+        rows = self._rows(indices, losses.device)
+        seen = self._bad_batch[rows]
+        self._bad_batch[rows] = torch.where(~finite & (seen < 0), batch_idx, seen)
         # An adapter's parameters reach only its own loss, so the sum's gradient is each
-        # member's own; a non-finite loss is left out so it cannot spread.
-        kept = [i for i, ok in enumerate(finite) if ok]
-        if kept:
-            self.manual_backward(losses.sum() if len(kept) == len(finite) else losses[kept].sum())
+        # member's own; a non-finite loss is masked so that it cannot spread. Its member
+        # stops at the next check of the flags.
+        self.manual_backward(torch.where(finite, losses, torch.zeros_like(losses)).sum())
         optimizers = self.optimizers()
         if not isinstance(optimizers, list):  # one optimizer shared by the members
-            # A member left out of the backward has no gradients: the step skips it.
             optimizers.step()
             optimizers.zero_grad(set_to_none=True)
         else:
-            for k, ok in zip(indices, finite, strict=True):
-                if ok:
-                    optimizers[k].step()
+            for k in indices:
+                optimizers[k].step()
                 optimizers[k].zero_grad(set_to_none=True)
         self._accumulate("train", indices, outputs, losses, target)
         self.batches_seen += 1
-        for k, ok in zip(indices, finite, strict=True):
-            if not ok:  # the message the sequential module raises with
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if (batch_idx + 1) % self.finite_check_every == 0:
+            self.check_finite()
+
+    def check_finite(self) -> None:
+        """Stop the members whose training loss went non-finite this epoch, on any process
+        (one read of the device, and under DDP one collective, so every process drops the
+        same members)."""
+        local = getattr(self, "_bad_batch", None)
+        if local is None or self._active_host is None:
+            return
+        bad = self.trainer.strategy.reduce(local.clone(), reduce_op="max").tolist()
+        for k, batch_idx in enumerate(bad):
+            if batch_idx >= 0 and self._active_host[k]:
+                self._active_host[k] = False
                 self.active[k] = False
-                self.errors[k] = (
+                self.errors[k] = (  # the message the sequential module raises with
                     f"training loss is not finite at epoch {self.current_epoch} batch "
                     f"{batch_idx}; try a lower learning rate"
                 )
+        if not any(self._active_host):
+            self.trainer.should_stop = True
+
+    def on_train_end(self) -> None:
+        self._active_host = None  # from here on, `indices` reads the buffer
 
     def on_train_epoch_end(self) -> None:
         # Lightning calls this before ModelCheckpoint saves the epoch, so the rows are on disk
         # and the schedulers stepped when the resume checkpoint is written.
+        self.check_finite()
         trained = self._epoch_metrics("train")
         step = int(self.batches_seen) - 1
         self._log_rows(trained, self.current_epoch, step)
@@ -208,6 +241,8 @@ class FusedLoRAModule(L.LightningModule):
 
     # -- validation and test ------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.check_finite()  # no validation rows for a member whose loss went non-finite
         self._start("val")
 
     def _evaluate(self, split: str, batch: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -258,16 +293,13 @@ class FusedLoRAModule(L.LightningModule):
         self._scheduler_states = []
 
     def on_train_start(self) -> None:
+        self._active_host = self.active.tolist()
         # Strategies that restore after setup (DeepSpeed, FSDP) load the checkpoint after
         # configure_optimizers: the states arrive here instead.
         self._load_scheduler_states()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Dropout draws from torch's global generator: keep its state so a resumed run draws
-        # the same masks as an uninterrupted one (the data order is fixed by seed and epoch).
-        checkpoint["torch_rng_state"] = torch.get_rng_state()
-        if torch.cuda.is_initialized():  # dropout on a GPU draws from the CUDA generators
-            checkpoint["cuda_rng_state"] = torch.cuda.get_rng_state_all()
+        save_rng_state(checkpoint)
         checkpoint["member_errors"] = list(self.errors)
         checkpoint["member_schedulers"] = [
             s.state_dict() if s is not None else None for s in self._schedulers
@@ -276,12 +308,7 @@ class FusedLoRAModule(L.LightningModule):
         checkpoint["member_val_metrics"] = dict(self.val_metrics)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("torch_rng_state")
-        if state is not None:
-            torch.set_rng_state(state)
-        cuda_state = checkpoint.get("cuda_rng_state")
-        if cuda_state is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(cuda_state)
+        restore_rng_state(checkpoint)
         self.errors = list(checkpoint.get("member_errors", self.errors))
         self.val_metrics = dict(checkpoint.get("member_val_metrics", {}))
         # Lightning calls configure_optimizers after this hook: it loads them.

@@ -31,12 +31,42 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
 
+def sum_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of per-epoch sums on `device`: float64, where the device has it (MPS lacks
+    it)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def save_rng_state(checkpoint: dict[str, Any]) -> None:
+    """Keep the random generators' states in a checkpoint.
+
+    Dropout draws from torch's global generator, and on a GPU from the CUDA generators: with
+    their states, a resumed run draws the same masks as an uninterrupted one (the data order
+    is fixed by seed and epoch).
+    """
+    checkpoint["torch_rng_state"] = torch.get_rng_state()
+    if torch.cuda.is_initialized():
+        checkpoint["cuda_rng_state"] = torch.cuda.get_rng_state_all()
+
+
+def restore_rng_state(checkpoint: dict[str, Any]) -> None:
+    """Give the random generators the states `save_rng_state` kept (those present)."""
+    state = checkpoint.get("torch_rng_state")
+    if state is not None:
+        torch.set_rng_state(state)
+    cuda_state = checkpoint.get("cuda_rng_state")
+    if cuda_state is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_state)
+
+
 class TaskModule(L.LightningModule, ABC):
     """A network trained on one supervised task; subclasses give the loss and the metrics.
 
     Logs `train_loss`, `val_loss` and `test_loss` once per epoch (plus `<split>_acc` for a
-    task with accuracy). A non-finite training loss raises `FloatingPointError` at the step
-    where it appears.
+    task with accuracy). A non-finite training loss raises `FloatingPointError` naming the
+    epoch and batch where it first appeared. The training step never reads the device from
+    the host: the check is a device-side flag, read every `finite_check_every` batches, before
+    validation and at the end of each epoch.
 
     Args:
         network: Maps `[B, ...]` inputs to outputs `[B, ...]` that `loss` compares with the
@@ -52,6 +82,9 @@ class TaskModule(L.LightningModule, ABC):
     """
 
     has_accuracy: ClassVar[bool] = False
+    # Batches between two reads of the non-finite flag: each read waits for the device, so
+    # reading every step would throw away a GPU's lead on small, launch-bound networks.
+    finite_check_every: ClassVar[int] = 50
 
     def __init__(
         self,
@@ -89,28 +122,56 @@ class TaskModule(L.LightningModule, ABC):
         return self.network(x)
 
     def on_train_epoch_start(self) -> None:
-        # [loss sum, correct, examples]: plain tensor sums instead of per-step self.log and
-        # metric updates, which cost more than a small MLP's whole training step.
-        self._train_sums = torch.zeros(3, dtype=torch.float64)
+        # [loss sum, correct, examples]: plain tensor sums on the module's device instead of
+        # per-step self.log and metric updates, which cost more than a small MLP's whole step.
+        self._train_sums = torch.zeros(3, dtype=sum_dtype(self.device), device=self.device)
+        # The batch index of the epoch's first non-finite loss (-1: none yet), and that loss.
+        self._bad_batch = torch.full((), -1, dtype=torch.long, device=self.device)
+        self._bad_loss = torch.zeros((), device=self.device)
 
     def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
         inputs, target = batch
         output = self(inputs)
         loss = self.loss(output, target)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"training loss is {loss.item()} at epoch {self.current_epoch} batch {batch_idx}; "
-                "try a lower learning rate"
-            )
+        detached = loss.detach()
+        first = ~torch.isfinite(detached) & (self._bad_batch < 0)
+        self._bad_batch.masked_fill_(first, batch_idx)
+        self._bad_loss.copy_(torch.where(first, detached.to(self._bad_loss.dtype), self._bad_loss))
         correct = self.count_correct(output.detach(), target)
-        count = target.shape[0]
-        self._train_sums[0] += loss.detach().double() * count
-        if correct is not None:
-            self._train_sums[1] += correct
-        self._train_sums[2] += count
+        count = torch.full((), target.shape[0], dtype=self._train_sums.dtype, device=self.device)
+        correct = torch.zeros_like(count) if correct is None else correct.to(count.dtype)
+        self._train_sums += torch.stack([detached.to(count.dtype) * count, correct, count])
         return loss
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if (batch_idx + 1) % self.finite_check_every == 0:
+            self.check_finite()
+
+    def on_validation_epoch_start(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.check_finite()  # no validation of a network whose loss went non-finite
+
+    def check_finite(self) -> None:
+        """Raise if a training loss of this epoch was non-finite, on any process (one read of
+        the device, and under DDP one collective, so every process stops together).
+
+        Raises:
+            FloatingPointError: naming the epoch, the batch and the loss.
+        """
+        local = getattr(self, "_bad_batch", None)
+        if local is None:
+            return
+        bad_batch = int(self.trainer.strategy.reduce(local.clone(), reduce_op="max"))
+        if bad_batch < 0:
+            return
+        loss = float(self._bad_loss) if int(local) == bad_batch else "not finite"
+        raise FloatingPointError(
+            f"training loss is {loss} at epoch {self.current_epoch} batch {bad_batch}; "
+            "try a lower learning rate"
+        )
+
     def on_train_epoch_end(self) -> None:
+        self.check_finite()
         loss_sum, correct, count = self._train_sums.tolist()
         if not count:
             return
@@ -143,14 +204,10 @@ class TaskModule(L.LightningModule, ABC):
         self._eval_step(batch, "test")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Dropout draws from torch's global generator: keep its state so a resumed run draws
-        # the same masks as an uninterrupted one (the data order is fixed by seed and epoch).
-        checkpoint["torch_rng_state"] = torch.get_rng_state()
+        save_rng_state(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("torch_rng_state")
-        if state is not None:
-            torch.set_rng_state(state)
+        restore_rng_state(checkpoint)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters the optimizer updates: every parameter that requires grad."""

@@ -121,3 +121,40 @@ def test_fused_classifier_members_count_correct_per_member():
         with torch.no_grad():
             alone = (member.network(features).argmax(-1) == target).float().mean().item()
         assert fused.test_metrics[k]["test_acc"] == pytest.approx(alone)
+
+
+class GoesNonFinite(RegressionModule):
+    """A regression whose loss is NaN from batch `bad_batch` of epoch 1 on."""
+
+    bad_batch = 3
+
+    def training_step(self, batch, batch_idx):  # type: ignore[override]
+        self.batches_trained = batch_idx + 1
+        return super().training_step(batch, batch_idx)
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = super().loss(output, target)
+        late = self.trainer.training and self.current_epoch == 1
+        if late and self.trainer.fit_loop.epoch_loop.batch_idx >= self.bad_batch:
+            return loss * float("nan")
+        return loss
+
+
+@pytest.mark.parametrize(("check_every", "stops_after"), [(2, 4), (50, 10)])
+def test_a_non_finite_loss_stops_the_run_naming_its_epoch_and_batch(check_every, stops_after):
+    """The step does not read the device: the flag is read every `finite_check_every` batches
+    (and before validation), so the run stops at the first read after the bad batch, and the
+    error still names where the loss first went non-finite."""
+    module = GoesNonFinite(network=nn.Linear(4, 2), optimizer=ADAM)
+    module.finite_check_every = check_every
+    generator = torch.Generator().manual_seed(0)
+    data = DataLoader(
+        TensorDataset(torch.randn(40, 4, generator=generator), torch.zeros(40, 2)), batch_size=4
+    )
+    trainer = L.Trainer(
+        max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    with pytest.raises(FloatingPointError, match="training loss is nan at epoch 1 batch 3;"):
+        trainer.fit(module, train_dataloaders=data, val_dataloaders=data)
+    assert module.batches_trained == stops_after
