@@ -63,3 +63,21 @@ def single_device_trainer(run_cfg: DictConfig, run_dir: Path) -> L.Trainer:
         enable_progress_bar=False,
         default_root_dir=str(run_dir),
     )
+
+
+def devices_of(trainer_cfg: DictConfig) -> str:
+    """Where and how a Trainer built from `trainer_cfg` trains, as Lightning resolves it (an
+    `auto` accelerator included): e.g. `cuda:0, precision bf16-mixed` or
+    `2 × cpu (DDPStrategy), precision 32-true`."""
+    config = copy.deepcopy(trainer_cfg)
+    with open_dict(config):
+        config.pop("callbacks", None)
+    trainer = instantiate(
+        config, logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    strategy = trainer.strategy
+    where = str(strategy.root_device)
+    if trainer.num_devices > 1 or trainer.num_nodes > 1:
+        nodes = f" on {trainer.num_nodes} nodes" if trainer.num_nodes > 1 else ""
+        where = f"{trainer.num_devices} × {strategy.root_device.type}{nodes} ({type(strategy).__name__})"
+    return f"{where}, precision {trainer.precision}"

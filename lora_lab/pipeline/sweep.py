@@ -18,11 +18,12 @@ from typing import Any
 from omegaconf import DictConfig
 
 from lora_lab._atomic import atomic_write_text
+from lora_lab.pipeline.builders import devices_of
 from lora_lab.pipeline.console import say
 from lora_lab.pipeline.environment import environment
 from lora_lab.pipeline.fused import train_fused
 from lora_lab.pipeline.parallel import run_pooled
-from lora_lab.pipeline.plan import plan, sweep_jobs
+from lora_lab.pipeline.plan import PlannedRun, plan, sweep_jobs
 from lora_lab.pipeline.progress import Progress
 from lora_lab.pipeline.record import write_results_csv
 from lora_lab.pipeline.resume import STUDY_FILE, check_study_dir, set_aside, study_config
@@ -40,6 +41,7 @@ def run_sweep(cfg: DictConfig, study_dir: Path, command: str = "lora-lab sweep")
         `{"results": DataFrame, "failed": [run ids], "skipped": [run ids]}`.
     """
     runs = plan(cfg)  # every run, its config, identity and name; every input checked
+    say_devices(runs)
     env = open_study(cfg, study_dir, command)
     progress = Progress(runs, study_dir)
     todo = progress.skip_finished()
@@ -70,6 +72,20 @@ def run_sweep(cfg: DictConfig, study_dir: Path, command: str = "lora-lab sweep")
             "(sweep.restart=true redoes them)"
         )
     return {"results": frame, "failed": progress.failed, "skipped": progress.skipped}
+
+
+def say_devices(runs: list[PlannedRun]) -> None:
+    """The study's first line: the device and precision each stage trains on (one line when
+    the stages share them), as Lightning resolves `trainer.accelerator=auto`."""
+    where: dict[str, list[str]] = {}
+    for stage in dict.fromkeys(run.stage for run in runs):
+        trainer_cfg = next(run.cfg.trainer for run in runs if run.stage == stage)
+        where.setdefault(devices_of(trainer_cfg), []).append(stage)
+    if len(where) == 1:
+        say(f"training on {next(iter(where))}")
+        return
+    for devices, stages in where.items():
+        say(f"training {', '.join(stages)} on {devices}")
 
 
 def open_study(cfg: DictConfig, study_dir: Path, command: str) -> dict[str, Any]:
