@@ -1,0 +1,31 @@
+"""bench/gpu_check.py runs as committed: every check, on tiny settings, on the CPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def test_the_gpu_check_runs_every_check_on_tiny_settings(tmp_path: Path):
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "gpu_check.py"), "--accelerator", "cpu", "--tiny"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        timeout=500,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    checks = {
+        line.split(".", 1)[0]: line for line in lines if line[:2] in ("1.", "2.", "3.", "4.", "5.")
+    }
+    assert sorted(checks) == ["1", "2", "3", "4", "5"], done.stdout
+    for number in ("1", "2", "4"):  # the checks with a verdict
+        assert checks[number].endswith("PASS"), checks[number]
+    assert "ratio fused / sequential" in checks["3"] and "ms/step" in checks["5"]
+    assert "training on cpu" in checks["4"]
