@@ -17,7 +17,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
+from lora_lab.config_path import (
+    CONFIG_NAME,
+    CONFIG_PACKAGE,
+    PACKAGE_SCHEME,
+    config_dir,
+    config_search_path,
+)
+
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
     from omegaconf import DictConfig
 
 USAGE = """\
@@ -52,7 +62,8 @@ named in one line. Bad values end in one line and exit code 2, before anything i
 `--debug` or LORA_LAB_DEBUG=1 shows full tracebacks.
 """
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# lora_lab's configs on disk (lora_lab.config_path decides where).
+CONF_DIR = config_dir()
 
 
 class UsageError(ValueError):
@@ -107,9 +118,18 @@ def _hydra_args(args: Sequence[str]) -> argparse.Namespace:
     return get_args_parser().parse_args(list(args))
 
 
+def _initialize(search_path: str) -> AbstractContextManager[None]:
+    """Hydra initialised on a primary config location: a folder, or `pkg://lora_lab.conf`."""
+    from hydra import initialize_config_dir, initialize_config_module
+
+    if search_path.startswith(PACKAGE_SCHEME):
+        return initialize_config_module(config_module=CONFIG_PACKAGE, version_base="1.3")
+    return initialize_config_dir(config_dir=search_path, version_base="1.3")
+
+
 def _compose(parsed: argparse.Namespace) -> DictConfig:
     """Compose the config as Hydra will, turning its errors into one line."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
@@ -117,10 +137,12 @@ def _compose(parsed: argparse.Namespace) -> DictConfig:
     overrides = list(parsed.overrides)
     if parsed.config_dir:
         overrides.append(f"hydra.searchpath=[file://{Path(parsed.config_dir).resolve()}]")
-    config_dir = Path(parsed.config_path).resolve() if parsed.config_path else CONF_DIR
+    search_path = (
+        str(Path(parsed.config_path).resolve()) if parsed.config_path else config_search_path()
+    )
     try:
-        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-            cfg = compose(config_name=parsed.config_name or "config", overrides=overrides)
+        with _initialize(search_path):
+            cfg = compose(config_name=parsed.config_name or CONFIG_NAME, overrides=overrides)
         OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as error:
         message = _one_line(error).split(" Available options")[0].split(" Config search path")[0]
@@ -261,8 +283,9 @@ def _hydra_command(command: str, args: list[str], debug: bool) -> int:
     if code:
         return code
     sys.argv = [f"lora-lab {command}", *args]
+    app = hydra.main(config_path=config_search_path(), config_name=CONFIG_NAME, version_base="1.3")
     try:
-        hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)()
+        app(task)()
     except SystemExit as stop:  # Hydra exits 1 after printing a failed job's JobFailed
         return max(exit_code, stop.code if isinstance(stop.code, int) else 1)
     return exit_code
