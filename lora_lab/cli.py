@@ -13,21 +13,13 @@ import logging
 import os
 import shlex
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from lora_lab.config_path import (
-    CONFIG_NAME,
-    CONFIG_PACKAGE,
-    PACKAGE_SCHEME,
-    config_dir,
-    config_search_path,
-)
+from lora_lab.config_path import CONFIG_NAME, config_dir, config_search_path
 
 if TYPE_CHECKING:
-    from contextlib import AbstractContextManager
-
     from omegaconf import DictConfig
 
 USAGE = """\
@@ -118,13 +110,38 @@ def _hydra_args(args: Sequence[str]) -> argparse.Namespace:
     return get_args_parser().parse_args(list(args))
 
 
-def _initialize(search_path: str) -> AbstractContextManager[None]:
-    """Hydra initialised on a primary config location: a folder, or `pkg://lora_lab.conf`."""
-    from hydra import initialize_config_dir, initialize_config_module
+@contextlib.contextmanager
+def _initialized(search_path: str, user_dir: str | None) -> Iterator[None]:
+    """Hydra initialised as `hydra.main` initialises it: the primary config location (a folder,
+    or `pkg://lora_lab.conf`), and the user's `--config-dir` folder before the structured
+    configs, so that both compositions see the same files.
 
-    if search_path.startswith(PACKAGE_SCHEME):
-        return initialize_config_module(config_module=CONFIG_PACKAGE, version_base="1.3")
-    return initialize_config_dir(config_dir=search_path, version_base="1.3")
+    Raises:
+        UsageError: `user_dir` (`--config-dir`) is not a folder.
+    """
+    from hydra import version
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    search = create_config_search_path(search_path)
+    if user_dir is not None:
+        folder = os.path.abspath(user_dir)  # as hydra.main takes it
+        if not os.path.isdir(folder):
+            raise UsageError(f"--config-dir {user_dir!r} is not a folder")
+        search.prepend(
+            provider="command-line",
+            path=f"file://{folder}",
+            anchor=SearchPathQuery(provider="schema"),
+        )
+    backup = get_gh_backup()
+    try:
+        version.setbase("1.3")
+        Hydra.create_main_hydra2(task_name="app", config_search_path=search)
+        yield
+    finally:
+        restore_gh_from_backup(backup)
 
 
 def _compose(parsed: argparse.Namespace) -> DictConfig:
@@ -134,15 +151,14 @@ def _compose(parsed: argparse.Namespace) -> DictConfig:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    overrides = list(parsed.overrides)
-    if parsed.config_dir:
-        overrides.append(f"hydra.searchpath=[file://{Path(parsed.config_dir).resolve()}]")
     search_path = (
         str(Path(parsed.config_path).resolve()) if parsed.config_path else config_search_path()
     )
     try:
-        with _initialize(search_path):
-            cfg = compose(config_name=parsed.config_name or CONFIG_NAME, overrides=overrides)
+        with _initialized(search_path, parsed.config_dir):
+            cfg = compose(
+                config_name=parsed.config_name or CONFIG_NAME, overrides=list(parsed.overrides)
+            )
         OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as error:
         message = _one_line(error).split(" Available options")[0].split(" Config search path")[0]

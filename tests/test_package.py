@@ -115,9 +115,14 @@ def test_the_installed_lora_lab_runs_a_study_from_any_folder(side_venv: Path, tm
             timeout=300,
         )
 
-    shown = run("--cfg", "job")
+    # The README's user folder: one experiment of their own beside the package's configs.
+    (folder / "my_conf" / "experiment").mkdir(parents=True)
+    (folder / "my_conf" / "experiment" / "mine.yaml").write_text(
+        "# @package _global_\nname: mine\nsweep:\n  ranks: [3, 5]\n"
+    )
+    shown = run("--config-dir", "my_conf", "experiment=mine", "--cfg", "job")
     assert shown.returncode == 0, shown.stderr[-3000:]
-    assert "name: fashion_mnist_which_rank" in shown.stdout
+    assert "name: mine" in shown.stdout and "_target_: lora_lab.models.MLP" in shown.stdout
     study = folder / "study"
     done = run(f"output_dir={study}", "sweep.ranks=[1]", *tiny_study_overrides(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
