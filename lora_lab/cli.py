@@ -13,9 +13,11 @@ import logging
 import os
 import shlex
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
+
+from lora_lab.config_path import CONFIG_NAME, config_dir, config_search_path
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -52,7 +54,8 @@ named in one line. Bad values end in one line and exit code 2, before anything i
 `--debug` or LORA_LAB_DEBUG=1 shows full tracebacks.
 """
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# lora_lab's configs on disk (lora_lab.config_path decides where).
+CONF_DIR = config_dir()
 
 
 class UsageError(ValueError):
@@ -107,20 +110,55 @@ def _hydra_args(args: Sequence[str]) -> argparse.Namespace:
     return get_args_parser().parse_args(list(args))
 
 
+@contextlib.contextmanager
+def _initialized(search_path: str, user_dir: str | None) -> Iterator[None]:
+    """Hydra initialised as `hydra.main` initialises it: the primary config location (a folder,
+    or `pkg://lora_lab.conf`), and the user's `--config-dir` folder before the structured
+    configs, so that both compositions see the same files.
+
+    Raises:
+        UsageError: `user_dir` (`--config-dir`) is not a folder.
+    """
+    from hydra import version
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    search = create_config_search_path(search_path)
+    if user_dir is not None:
+        folder = os.path.abspath(user_dir)  # as hydra.main takes it
+        if not os.path.isdir(folder):
+            raise UsageError(f"--config-dir {user_dir!r} is not a folder")
+        search.prepend(
+            provider="command-line",
+            path=f"file://{folder}",
+            anchor=SearchPathQuery(provider="schema"),
+        )
+    backup = get_gh_backup()
+    try:
+        version.setbase("1.3")
+        Hydra.create_main_hydra2(task_name="app", config_search_path=search)
+        yield
+    finally:
+        restore_gh_from_backup(backup)
+
+
 def _compose(parsed: argparse.Namespace) -> DictConfig:
     """Compose the config as Hydra will, turning its errors into one line."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    overrides = list(parsed.overrides)
-    if parsed.config_dir:
-        overrides.append(f"hydra.searchpath=[file://{Path(parsed.config_dir).resolve()}]")
-    config_dir = Path(parsed.config_path).resolve() if parsed.config_path else CONF_DIR
+    search_path = (
+        str(Path(parsed.config_path).resolve()) if parsed.config_path else config_search_path()
+    )
     try:
-        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-            cfg = compose(config_name=parsed.config_name or "config", overrides=overrides)
+        with _initialized(search_path, parsed.config_dir):
+            cfg = compose(
+                config_name=parsed.config_name or CONFIG_NAME, overrides=list(parsed.overrides)
+            )
         OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as error:
         message = _one_line(error).split(" Available options")[0].split(" Config search path")[0]
@@ -261,8 +299,9 @@ def _hydra_command(command: str, args: list[str], debug: bool) -> int:
     if code:
         return code
     sys.argv = [f"lora-lab {command}", *args]
+    app = hydra.main(config_path=config_search_path(), config_name=CONFIG_NAME, version_base="1.3")
     try:
-        hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)()
+        app(task)()
     except SystemExit as stop:  # Hydra exits 1 after printing a failed job's JobFailed
         return max(exit_code, stop.code if isinstance(stop.code, int) else 1)
     return exit_code

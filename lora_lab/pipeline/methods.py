@@ -14,9 +14,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from lora_lab.config_path import config_dir
 from lora_lab.lora import LoRAConfig
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = config_dir()
 # The keys a method option sets; every other `lora.*` key is the study's.
 METHOD_KEYS = ("method", "use_rslora", "use_dora", "init", "loraplus_lr_ratio")
 # `lora.*` keys that are not LoRAConfig fields: the method's name and an optimizer setting.

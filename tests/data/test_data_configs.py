@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from lora_lab.config_path import config_dir
 from lora_lab.data import DATAMODULES
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "data"
+CONF_DIR = config_dir() / "data"
 
 
 def test_one_config_per_registered_dataset() -> None:

@@ -10,11 +10,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from lora_lab.config_path import config_dir
 from lora_lab.data import CIFAR10DataModule, DataError, FashionMNISTDataModule, MNISTDataModule
 from lora_lab.pipeline import record
 from lora_lab.pipeline.run_config import stage_config
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = config_dir()
 TOPS = ["Shirt", "Pullover", "Coat"]
 
 
