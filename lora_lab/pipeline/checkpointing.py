@@ -85,4 +85,6 @@ class FinishedEpochs(Callback):
     KEY = "finished_epochs"
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        trainer.callback_metrics[self.KEY] = torch.tensor(float(trainer.current_epoch))
+        # On the module's device, as Lightning keeps every callback metric of a run.
+        epochs = torch.tensor(float(trainer.current_epoch), device=pl_module.device)
+        trainer.callback_metrics[self.KEY] = epochs
