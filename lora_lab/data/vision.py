@@ -27,9 +27,13 @@ class VisionDataModule(BatchedDataModule):
     """An image classification dataset served as normalised float batches.
 
     Train and validation are a seeded split of the official training set; test is the official
-    test set. With ``classes`` only those classes are kept, with their original labels, so a
-    10-way head trained on classes 0-4 can be finetuned on 5-9. The test split keeps the same
-    classes unless ``test_classes`` names others: finetune on three classes, test on all ten
+    test set. The split has a seed of its own (``split_seed``), fixed per study, so every stage
+    and every run seed validates on the same images and none trains on them: a run seed that
+    also drew the split let seeds ≠ 0 validate on images the pretrained network had seen.
+
+    With ``classes`` only those classes are kept, with their original labels, so a 10-way head
+    trained on classes 0-4 can be finetuned on 5-9. The test split keeps the same classes
+    unless ``test_classes`` names others: finetune on three classes, test on all ten
     (``test_classes="all"``) to see what happens to the rest.
 
     Args:
@@ -42,12 +46,13 @@ class VisionDataModule(BatchedDataModule):
         classes: Names or indices of the classes to keep in train and validation; ``None``
             or ``"all"`` keeps all.
         test_classes: The same for the test split; ``None`` keeps the classes of ``classes``.
-        seed: Seed of the train/val split and of the per-epoch shuffle.
+        seed: Seed of the per-epoch shuffle (the run's seed).
         num_workers: DataLoader worker processes.
         name: Plain config key; checked against the dataset, otherwise unused.
         input_shape: Plain config key ``[C, H, W]``; checked, otherwise unused.
         num_classes: Plain config key; checked, otherwise unused.
         class_names: Plain config key; checked, otherwise unused.
+        split_seed: Seed of the train/val split, the same for every stage and run of a study.
 
     Attributes:
         input_shape: ``[C, H, W]``.
@@ -78,10 +83,13 @@ class VisionDataModule(BatchedDataModule):
         input_shape: Sequence[int] | None = None,
         num_classes: int | None = None,
         class_names: Sequence[str] | None = None,
+        split_seed: int = 0,
     ) -> None:
         self.name = self.spec.name
         super().__init__(batch_size, eval_batch_size, seed, num_workers)
         self._check_int("val_size", val_size, minimum=0)
+        self._check_int("split_seed", split_seed, minimum=0)
+        self.split_seed = split_seed
         self.root = root
         self.download = bool(download)
         self.cache_dir = cache_dir
@@ -111,6 +119,7 @@ class VisionDataModule(BatchedDataModule):
                 "classes": None if classes is None else self.train_class_indices,
                 "test_classes": None if test_classes is None else self.test_class_indices,
                 "seed": self.seed,
+                "split_seed": split_seed,
                 "num_workers": num_workers,
                 "augment": self.augment,
             }
@@ -226,7 +235,7 @@ class VisionDataModule(BatchedDataModule):
                 f"{self.name}: val_size={self.val_size} leaves no training images "
                 f"(the training set has {total})"
             )
-        order = torch.randperm(total, generator=torch.Generator().manual_seed(self.seed))
+        order = torch.randperm(total, generator=torch.Generator().manual_seed(self.split_seed))
         # Sorted so a split is a set: the same seed gives byte-identical tensors.
         val_index = order[: self.val_size].sort().values
         train_index = order[self.val_size :].sort().values
@@ -290,6 +299,7 @@ class CIFAR10DataModule(VisionDataModule):
         input_shape: Sequence[int] | None = None,
         num_classes: int | None = None,
         class_names: Sequence[str] | None = None,
+        split_seed: int = 0,
     ) -> None:
         self.augment = bool(augment)
         super().__init__(
@@ -307,4 +317,5 @@ class CIFAR10DataModule(VisionDataModule):
             input_shape,
             num_classes,
             class_names,
+            split_seed,
         )

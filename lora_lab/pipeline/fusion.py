@@ -3,9 +3,9 @@
 What makes a group: equal resolved `data`, `model`, `module` and `trainer` configs, apart
 from what each adapter owns: `lora.rank`, `lora.alpha`, `lora.use_rslora`, `lora.init`,
 `lora.dropout` and the optimizer and scheduler (`module.optimizer.lr` above all). The seed is
-free, but `data.seed` follows it (it draws the validation split and the batch order), so runs
-of different seeds form separate groups, each seeing exactly the data its sequential runs see;
-fix `data.seed` to fuse across seeds. The fused runner (`fused`) trains each group.
+free, but `data.seed` follows it (it draws the batch order; the validation split has a seed of
+its own, `data.split_seed`, fixed per study), so runs of different seeds form separate groups,
+each seeing exactly the data its sequential runs see; fix `data.seed` to fuse across seeds. The fused runner (`fused`) trains each group.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def _why_alone(
     if not others:
         return "no other run to fuse with"
     differ = min((_differences(key, other) for other in others), key=len)
-    why = " (each seed draws its own split and batch order)" if differ == ["data.seed"] else ""
+    why = " (each seed draws its own batch order)" if differ == ["data.seed"] else ""
     return f"its {', '.join(differ)} differ from the other runs'{why}"
 
 
