@@ -310,7 +310,7 @@ def _hydra_command(command: str, args: list[str], debug: bool) -> int:
 def _say_recommendation(study_dir: Path, tolerance: float) -> None:
     """The study's answer, as its last line(s): the recommended rank of each method."""
     from lora_lab.pipeline.console import say
-    from lora_lab.report.selection import recommend
+    from lora_lab.report.verdict import recommend
     from lora_lab.results import read_results
 
     try:
