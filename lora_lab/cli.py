@@ -28,7 +28,11 @@ usage: lora-lab <command> [hydra overrides…] [--debug]
 commands:
   sweep    the whole study: pretrain → full finetune → LoRA at every rank → results, plots, report
   train    one stage: stage=pretrain|full_finetune|lora (Hydra multirun with -m)
-  report   DIR: rebuild results.csv, the plots and report.md from the finished runs under DIR
+  report   DIR | TABLE.csv [report.tolerance=0.01]: results.csv, the plots and report.md, rebuilt
+           from the finished runs under DIR, or from a results table alone (a .csv file, or a
+           folder holding only results.csv: a merged or filtered table), written beside it.
+           A table needs the columns run_id, stage, rank, alpha, seed, learning_rate,
+           trainable_params, test_acc, test_loss, status (val_acc to choose learning rates).
   analyze  DIR: weight-update spectra and subspace similarity (LoRA paper §7) → analysis.csv
 
 examples:
@@ -310,7 +314,7 @@ def _hydra_command(command: str, args: list[str], debug: bool) -> int:
 def _say_recommendation(study_dir: Path, tolerance: float) -> None:
     """The study's answer, as its last line(s): the recommended rank of each method."""
     from lora_lab.pipeline.console import say
-    from lora_lab.report.selection import recommend
+    from lora_lab.report.verdict import recommend
     from lora_lab.results import read_results
 
     try:
@@ -332,18 +336,55 @@ def _study_dir(args: list[str], command: str) -> Path:
     return path
 
 
-def _report(args: list[str]) -> int:
-    from lora_lab.pipeline import write_results_csv
-    from lora_lab.report import write_report
+def _report_args(args: list[str]) -> tuple[Path, float | None]:
+    """`lora-lab report PATH [report.tolerance=V]`: the path and the tolerance (None: the
+    study's own, else the default)."""
+    tolerance, rest = None, []
+    for arg in args:
+        if arg.startswith("report.tolerance="):
+            value = arg.split("=", 1)[1]
+            try:
+                tolerance = float(value)
+            except ValueError:
+                raise UsageError(f"report.tolerance={value!r}: not a number") from None
+            if not 0 <= tolerance < 1:
+                raise UsageError(f"report.tolerance={value}: must be a number in [0, 1)")
+        else:
+            rest.append(arg)
+    if len(rest) != 1:
+        raise UsageError(
+            f"`lora-lab report` takes one study folder or results table, got {len(rest)}: "
+            "lora-lab report DIR|results.csv [report.tolerance=0.01]"
+        )
+    path = Path(rest[0]).expanduser()
+    if not path.exists():
+        raise UsageError(f"{str(path)!r} does not exist")
+    return path, tolerance
 
-    study = _study_dir(args, "report")
-    frame, problems = write_results_csv(study)
+
+def _report(args: list[str]) -> int:
+    from lora_lab.report import write_report
+    from lora_lab.results import RESULTS_CSV, find_results, read_results
+
+    path, tolerance = _report_args(args)
+    records, problems = find_results(path) if path.is_dir() else ([], [])
     for problem in problems:
         print(f"lora-lab: warning: {problem}", file=sys.stderr)
-    if frame.empty:
-        raise UsageError(f"no run results (result.json) found under {str(study)!r}")
-    report = write_report(study)
-    print(f"{len(frame)} runs → {study / 'results.csv'}, {report}")
+    if records:  # a study: rebuild its table from its runs' result.json
+        from lora_lab.pipeline import write_results_csv
+
+        frame, _ = write_results_csv(path)
+        report = write_report(path, tolerance)
+        print(f"{len(frame)} runs → {path / RESULTS_CSV}, {report}")
+        return 0
+    table = path / RESULTS_CSV if path.is_dir() else path
+    if not table.is_file():
+        raise UsageError(f"no run results (result.json) or {RESULTS_CSV} found under {str(path)!r}")
+    if table.suffix != ".csv":
+        raise UsageError(f"{str(table)!r} is not a .csv results table")
+    frame = read_results(table)  # a missing column: one line naming it
+    report = write_report(table, tolerance)
+    print(f"{len(frame)} runs from {table} → {report}")
     return 0
 
 

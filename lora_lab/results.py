@@ -56,9 +56,27 @@ COLUMNS: tuple[str, ...] = (
     "status",
     "error",
 )
-#: Columns added after the first studies were written: a table without them still reads,
-#: with the column empty.
-OPTIONAL_COLUMNS: tuple[str, ...] = ("pass", "method", "val_acc", "selected")
+#: Columns a table may lack (it still reads, with the column empty): those added after the
+#: first studies were written, and the records a merged or filtered table need not carry. The
+#: others (`REQUIRED_COLUMNS`) are what the report's statistics and tables need.
+OPTIONAL_COLUMNS: tuple[str, ...] = (
+    "pass",
+    "method",
+    "val_acc",
+    "selected",
+    "total_params",
+    "per_class_acc",
+    "source_test_acc",
+    "train_seconds",
+    "epochs",
+    "run_dir",
+    "error",
+)
+REQUIRED_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c not in OPTIONAL_COLUMNS)
+#: Values of `status`: a finished run, one that raised, one the study left out, and one whose
+#: loss went non-finite or whose accuracy stayed at chance (marked, never averaged in).
+STATUSES: tuple[str, ...] = ("ok", "failed", "skipped", "diverged")
+DIVERGED = "diverged"
 #: Numeric columns (empty cells read as NaN); the others are text.
 NUMERIC_COLUMNS: tuple[str, ...] = (
     "rank",
@@ -110,7 +128,8 @@ class RunResult:
         epochs: Finished epochs.
         run_dir: The run folder, relative to the study.
         pass_id: The training pass that produced the row (column `pass`).
-        status: `ok` or `failed`; error: the first line of what stopped a failed run.
+        status: One of `STATUSES` (`ok`, `failed`, `skipped`, `diverged`); error: the first
+            line of what stopped a failed or diverged run.
         extra: Per-study metrics, one column each (e.g. `delta_rel_error`).
         identity: The run's hashed identity (resume and skip decisions).
         artefact: What the run left for later stages and `lora-lab analyze`, relative to the
@@ -142,6 +161,10 @@ class RunResult:
     identity: str | None = None
     artefact: str | None = None
     data_fingerprint: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"run {self.run_id}: status {self.status!r} is not one of {STATUSES}")
 
     @property
     def ok(self) -> bool:
@@ -264,7 +287,7 @@ def results_frame(
 
 def check_columns(df: pd.DataFrame, source: str | Path) -> None:
     """Raise a one-line ValueError naming `source` and every missing required column."""
-    missing = [c for c in COLUMNS if c not in df.columns and c not in OPTIONAL_COLUMNS]
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"{source}: missing required column(s): {', '.join(missing)}")
 
@@ -315,8 +338,14 @@ def read_results(path: str | Path) -> pd.DataFrame:
 
 
 def ok_mask(df: pd.DataFrame) -> pd.Series:
-    """The runs that finished (`status == "ok"`); anything else counts as failed."""
+    """The runs that finished (`status == "ok"`); anything else (failed, skipped, diverged)
+    counts as not finished and never enters a mean."""
     return df["status"].astype(str).str.lower().eq("ok")
+
+
+def diverged_mask(df: pd.DataFrame) -> pd.Series:
+    """The runs the pipeline marked `diverged` (non-finite loss, or accuracy at chance)."""
+    return df["status"].astype(str).str.lower().eq(DIVERGED)
 
 
 def ok_runs(df: pd.DataFrame, stage: str | None = None) -> pd.DataFrame:

@@ -19,14 +19,8 @@ from lora_lab.report.provenance import (
     config_section,
     read_study_json,
 )
-from lora_lab.report.selection import (
-    ALPHA_LEVEL,
-    DEFAULT_TOLERANCE,
-    chosen_learning_rates,
-    lr_tuned,
-    recommend,
-    tuned_rows,
-)
+from lora_lab.report.rank_table import recommended_section
+from lora_lab.report.selection import chosen_learning_rates, lr_tuned, tuned_rows
 from lora_lab.report.tables import (
     format_runs,
     format_summary,
@@ -34,7 +28,8 @@ from lora_lab.report.tables import (
     method_comparison,
     summary_table,
 )
-from lora_lab.results import normalize_results, ok_mask, ok_runs, read_results
+from lora_lab.report.verdict import DEFAULT_TOLERANCE
+from lora_lab.results import diverged_mask, normalize_results, ok_mask, ok_runs, read_results
 
 __all__ = ["summary_table", "write_report"]
 
@@ -152,25 +147,37 @@ def study_tolerance(info: dict) -> float:
     return float(value) if isinstance(value, (int, float)) else DEFAULT_TOLERANCE
 
 
-def _recommended_section(df: pd.DataFrame, tolerance: float) -> list[str]:
-    """The answer first: the recommended rank per method, or why there is none."""
-    recommendations = recommend(df, tolerance)
-    if not recommendations:
-        return []
-    lines = ["## Recommended rank", ""]
-    lines += [f"- {r.sentence(tolerance)}." for r in recommendations]
-    lines += [
-        "",
-        f"The smallest rank whose tuned test accuracy is within {100 * tolerance:g} point(s) of "
-        "the tuned full finetune and, with ≥ 3 seeds on both sides, not significantly below it "
-        f"(one-sided Welch t-test, p ≥ {ALPHA_LEVEL}). `report.tolerance` sets the tolerance.",
-        "",
-    ]
-    return lines
+def _who(row: pd.Series) -> str:
+    if pd.isna(row["rank"]):
+        return "the full finetune:"
+    return f"{row['stage']} {row['method']} r={row['rank']:g}:"
+
+
+def _choice_notes(chosen: pd.DataFrame) -> list[str]:
+    """Bullets on choices at a grid edge (a bound) and on ties (the best mean still wins)."""
+    notes = []
+    for _, row in chosen[chosen["at_edge"]].iterrows():
+        end, side = (
+            ("smallest", "below")
+            if row["learning_rate"] == row["grid"][0]
+            else ("largest", "above")
+        )
+        notes.append(
+            f"- **At the edge of the grid:** {_who(row)} lr={row['learning_rate']:g} is the "
+            f"grid's {end}: a bound, not an optimum (the best learning rate may lie {side} it)."
+        )
+    for _, row in chosen[chosen["ties"].map(len) > 0].iterrows():
+        others = ", ".join(f"{v:g}" for v in row["ties"])
+        notes.append(
+            f"- **Tie:** {_who(row)} lr={others} within one standard error of the difference of "
+            f"lr={row['learning_rate']:g}'s mean val_acc; the best mean, lr="
+            f"{row['learning_rate']:g}, is the choice."
+        )
+    return notes
 
 
 def _learning_rate_section(df: pd.DataFrame) -> list[str]:
-    """Which learning rate each configuration got (on validation), and grid-edge warnings."""
+    """Which learning rate each configuration got (on validation), edges, ties, divergences."""
     if not lr_tuned(df):
         return []
     chosen = chosen_learning_rates(df)
@@ -182,29 +189,22 @@ def _learning_rate_section(df: pd.DataFrame) -> list[str]:
             "grid": chosen["grid"].map(lambda g: ", ".join(f"{v:g}" for v in g)),
             "chosen lr": chosen["learning_rate"].map(lambda v: f"{v:g}"),
             "val_acc": chosen["val_acc"].map(lambda v: "" if pd.isna(v) else f"{v:.4f}"),
+            "tied": chosen["ties"].map(lambda t: ", ".join(f"{v:g}" for v in t)),
+            "diverged": chosen["diverged"].map(lambda n: str(n) if n else ""),
         }
     )
-    warnings = []
-    for _, row in chosen[chosen["at_edge"]].iterrows():
-        who = (
-            "the full finetune's"
-            if pd.isna(row["rank"])
-            else f"{row['stage']} {row['method']} r={row['rank']:g}:"
-        )
-        end = "smallest" if row["learning_rate"] == row["grid"][0] else "largest"
-        warnings.append(
-            f"- **At the edge of the grid:** {who} lr={row['learning_rate']:g} is the grid's "
-            f"{end}; the best learning rate may lie outside it."
-        )
+    table = table.drop(columns=[c for c in ("tied", "diverged") if table[c].eq("").all()])
     return [
         "## Learning rates",
         "",
         "Each configuration's learning rate is the one with the best mean *validation* accuracy "
         "over seeds; the curves and tables report the *test* accuracy at that learning rate "
-        "(`selected` in results.csv).",
+        "(`selected` in results.csv). Learning rates tie when their means differ by at most one "
+        "standard error of the difference, sqrt(s₁²/n₁ + s₂²/n₂); diverged runs never enter a "
+        "mean, and a learning rate with one is chosen only when every learning rate had one.",
         "",
         markdown_table(table),
-        *warnings,
+        *_choice_notes(chosen),
         "",
     ]
 
@@ -246,7 +246,7 @@ def _results_section(df: pd.DataFrame) -> list[str]:
     ]
 
 
-def write_report(study_dir: str | Path) -> Path:
+def write_report(study_dir: str | Path, tolerance: float | None = None) -> Path:
     """Draw a study's plots and write its ``report.md``, both into the study folder.
 
     Reads ``results.csv`` and, when present, ``study.json``, each run's
@@ -256,28 +256,35 @@ def write_report(study_dir: str | Path) -> Path:
     ``report.md``, every file atomically. Never trains or evaluates anything.
 
     Args:
-        study_dir: The study folder.
+        study_dir: The study folder, or a results table (any ``.csv`` file): the report is
+            then written beside it, from that table alone.
+        tolerance: The non-inferiority margin; None takes ``report.tolerance`` from the
+            folder's ``study.json``, else the default (1 point).
 
     Returns:
         The path of ``report.md``.
 
     Raises:
-        ValueError: If ``results.csv`` is missing, empty or lacks required columns.
+        ValueError: If the results table is missing, empty or lacks required columns.
     """
-    study = Path(study_dir)
-    df = read_results(study / "results.csv")
+    path = Path(study_dir)
+    table = path if path.suffix == ".csv" and not path.is_dir() else path / "results.csv"
+    study = table.parent
+    df = read_results(table)
     info, notes = read_study_json(study)
     failed = df[~ok_mask(df)]
+    diverged = int(diverged_mask(df).sum())
+    counts = f"{len(failed) - diverged} failed" + (f", {diverged} diverged" if diverged else "")
     stages = ", ".join(dict.fromkeys(df["stage"]))
     lines = [
         f"# Study report: {study.resolve().name}",
         "",
-        f"{len(df)} runs ({len(failed)} failed); stages: {stages or 'none'}.",
+        f"{len(df)} runs ({counts}); stages: {stages or 'none'}.",
         "",
         *[f"> {note}\n" for note in notes],
     ]
     lines += command_and_environment(info)
-    lines += _recommended_section(df, study_tolerance(info))
+    lines += recommended_section(df, study_tolerance(info) if tolerance is None else tolerance)
     headline = _headline(tuned_rows(df)[0])
     if headline:
         lines += ["## Headline", "", *headline, ""]
@@ -287,9 +294,9 @@ def write_report(study_dir: str | Path) -> Path:
     if not failed.empty:
         errors = pd.DataFrame(
             {"run_id": failed["run_id"], "stage": failed["stage"],
-             "error": failed["error"].map(_short_error)}
+             "status": failed["status"], "error": failed["error"].map(_short_error)}
         )  # fmt: skip
-        lines += ["## Failed runs", "", markdown_table(errors)]
+        lines += ["## Failed runs", "", "Diverged runs are listed too.", "", markdown_table(errors)]
     lines += _draw_plots(study, df)
     lines += analysis_section(study)
     lines += config_section(study)

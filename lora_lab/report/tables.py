@@ -12,7 +12,7 @@ from collections.abc import Callable
 import pandas as pd
 
 from lora_lab.report.labels import extra_numeric_columns, main_metric
-from lora_lab.results import normalize_results, ok_mask, ok_runs, sort_by_stage
+from lora_lab.results import diverged_mask, normalize_results, ok_mask, ok_runs, sort_by_stage
 
 GROUP_KEYS: list[str] = ["stage", "method", "rank", "alpha", "learning_rate"]
 
@@ -28,10 +28,11 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
         df: A results table (raw or normalized; validated here).
 
     Returns:
-        Columns ``stage, method, rank, alpha, learning_rate, n_seeds, failed``, then ``<m>_mean`` and
-        ``<m>_std`` for ``m`` in ``test_acc, test_loss, source_test_acc`` and any numeric extra
-        column, then ``trainable_params, total_params, pct_trainable, train_seconds_mean``.
-        ``n_seeds`` counts finished runs, ``failed`` the others; means and sample standard
+        Columns ``stage, method, rank, alpha, learning_rate, n_seeds, failed, diverged``, then
+        ``<m>_mean`` and ``<m>_std`` for ``m`` in ``test_acc, test_loss, source_test_acc`` and
+        any numeric extra column, then ``trainable_params, total_params, pct_trainable,
+        train_seconds_mean``. ``n_seeds`` counts finished runs, ``failed`` the others,
+        ``diverged`` those of them the pipeline marked diverged; means and sample standard
         deviations (ddof=1, NaN for a single seed) use finished runs only. Parameter counts
         come from any row of the configuration, since they do not depend on a run finishing.
 
@@ -48,6 +49,7 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
         row: dict[str, object] = dict(zip(GROUP_KEYS, key, strict=True))
         row["n_seeds"] = len(done)
         row["failed"] = len(group) - len(done)
+        row["diverged"] = int(diverged_mask(group).sum())
         for metric in metrics:
             row[f"{metric}_mean"] = done[metric].mean()
             row[f"{metric}_std"] = done[metric].std()
@@ -59,7 +61,7 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
         row["pct_trainable"] = 100.0 * row["trainable_params"] / base if base > 0 else math.nan
         row["train_seconds_mean"] = done["train_seconds"].mean()
         rows.append(row)
-    columns = [*GROUP_KEYS, "n_seeds", "failed"]
+    columns = [*GROUP_KEYS, "n_seeds", "failed", "diverged"]
     columns += [f"{m}_{s}" for m in metrics for s in ("mean", "std")]
     columns += ["trainable_params", "total_params", "pct_trainable", "train_seconds_mean"]
     return sort_by_stage(pd.DataFrame(rows, columns=columns))
@@ -111,6 +113,7 @@ def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
             "lr": summary["learning_rate"].map(_fmt("g")),
             "seeds": summary["n_seeds"].map(_count),
             "failed": summary["failed"].map(lambda n: str(int(n)) if n else ""),
+            "diverged": summary["diverged"].map(lambda n: str(int(n)) if n else ""),
         }
     )
     metrics = [c.removesuffix("_mean") for c in summary.columns if c.endswith("_mean")]

@@ -59,14 +59,28 @@ def test_report_lists_failed_runs_and_still_draws_every_plot(study_factory) -> N
     study = study_factory(df)
     report = write_report(study).read_text()
     failed_section = _section(report, "Failed runs")
-    assert "| lora_r4_s1 | lora | RuntimeError: CUDA \\| out of memory |" in failed_section
-    assert "| full_finetune_s2 | full_finetune | ValueError: bad learning rate |" in failed_section
+    assert "| lora_r4_s1 | lora | failed | RuntimeError: CUDA \\| out of memory |" in failed_section
+    assert (
+        "| full_finetune_s2 | full_finetune | failed | ValueError: bad learning rate |"
+        in failed_section
+    )
     assert report.startswith(f"# Study report: {study.name}\n\n13 runs (2 failed)")
     for name in PLOTS:
         assert_png(study / name)
         assert f"]({name})" in report
     # The failed seed is counted in the summary, not averaged.
     assert "| lora | 4 | 8 | 0.001 | 2 | 1 |" in _section(report, "Results")
+
+
+def test_report_counts_diverged_runs_per_configuration(study_factory) -> None:
+    df = make_results(ranks=(1, 4), seeds=(0, 1, 2))
+    diverged = df["run_id"] == "lora_r4_s2"
+    df.loc[diverged, ["status", "error"]] = ["diverged", "loss is not finite at epoch 1"]
+    report = write_report(study_factory(df)).read_text()
+    assert report.startswith("# Study report: study\n\n10 runs (0 failed, 1 diverged)")
+    assert "| lora_r4_s2 | lora | diverged | loss is not finite at epoch 1 |" in report
+    # counted in its configuration's row (2 finished, 1 not, 1 of them diverged), not averaged
+    assert "| lora | 4 | 8 | 0.001 | 2 | 1 | 1 |" in _section(report, "Results")
 
 
 def test_report_includes_command_environment_config_and_analysis(study_factory) -> None:

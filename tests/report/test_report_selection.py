@@ -1,43 +1,48 @@
-"""Which rank? Learning rates chosen on validation only, and the recommended rank's test."""
+"""Learning rates chosen on validation only: edges, ties and diverged runs."""
 
 from __future__ import annotations
 
 import math
 
 import pandas as pd
-import pytest
 
-from lora_lab.report.selection import (
-    chosen_learning_rates,
-    recommend,
-    selected_mask,
-    tuned_rows,
-)
+from lora_lab.report.selection import chosen_learning_rates, selected_mask, tuned_rows
 from lora_lab.results import COLUMNS as RESULT_COLUMNS
 from lora_lab.results import normalize_results
 
 
 def table(rows: list[dict]) -> pd.DataFrame:
-    """A results table from the columns that matter, the others blank."""
+    """A results table from the columns that matter (status `ok` unless given), the others
+    blank."""
     frame = pd.DataFrame(rows)
     for column in RESULT_COLUMNS:
         if column not in frame:
             text = column in ("per_class_acc", "run_dir", "pass", "error", "method", "selected")
             frame[column] = "" if text else math.nan
-    frame["status"] = "ok"
+    frame["status"] = frame["status"].replace("", "ok") if "status" in rows[0] else "ok"
     frame["run_id"] = [f"run{i}" for i in range(len(frame))]
     frame["trainable_params"] = frame["trainable_params"].fillna(1000)
     return normalize_results(frame)
 
 
-def lora(rank: int, lr: float, seed: int, val: float, test: float, method: str = "default"):
+def lora(
+    rank: int,
+    lr: float,
+    seed: int,
+    val: float,
+    test: float,
+    method: str = "default",
+    status: str = "",
+    params: float = math.nan,
+):
     return {"stage": "lora", "method": method, "rank": rank, "alpha": rank, "seed": seed,
-            "learning_rate": lr, "val_acc": val, "test_acc": test}  # fmt: skip
+            "learning_rate": lr, "val_acc": val, "test_acc": test, "status": status,
+            "trainable_params": params}  # fmt: skip
 
 
 def full(lr: float, seed: int, val: float, test: float):
     return {"stage": "full_finetune", "seed": seed, "learning_rate": lr, "val_acc": val,
-            "test_acc": test, "trainable_params": 55050}  # fmt: skip
+            "test_acc": test, "trainable_params": 55050, "status": ""}  # fmt: skip
 
 
 def test_the_learning_rate_is_chosen_on_validation_never_on_test():
@@ -70,44 +75,45 @@ def test_the_report_warns_about_the_edge(tmp_path):
     rows = [lora(2, lr, s, val=0.5 + lr, test=0.5) for lr in (0.001, 0.003, 0.01) for s in (0, 1)]
     text = "\n".join(_learning_rate_section(table(rows)))
     assert "At the edge of the grid:** lora default r=2: lr=0.01 is the grid's largest" in text
+    assert "a bound, not an optimum (the best learning rate may lie above it)" in text
 
 
-def recommendation(ranks: dict[int, list[float]], baseline: list[float], tolerance=0.01):
-    rows = [
-        lora(r, 0.001, s, val=0.5, test=t) for r, accs in ranks.items() for s, t in enumerate(accs)
-    ]
-    rows += [full(0.001, s, val=0.5, test=t) for s, t in enumerate(baseline)]
-    (result,) = recommend(table(rows), tolerance)
-    return result
+def test_ties_within_one_standard_error_are_reported_and_the_best_mean_still_chosen():
+    # lr=0.001: val 0.900, 0.910, 0.920 (mean 0.910, s² = 1e-4); lr=0.003: 0.905, 0.915, 0.925
+    # (mean 0.915, s² = 1e-4); se of the difference = sqrt(1e-4/3 + 1e-4/3) = 0.00816 ≥ 0.005:
+    # tied. lr=0.01: mean 0.810, 0.105 below: not tied.
+    vals = {0.001: (0.900, 0.910, 0.920), 0.003: (0.905, 0.915, 0.925), 0.01: (0.80, 0.81, 0.82)}
+    rows = [lora(4, lr, s, val=v, test=0.9) for lr, vs in vals.items() for s, v in enumerate(vs)]
+    (choice,) = chosen_learning_rates(table(rows)).to_dict("records")
+    assert choice["learning_rate"] == 0.003 and choice["ties"] == [0.001]
+    from lora_lab.report.markdown import _learning_rate_section
+
+    text = "\n".join(_learning_rate_section(table(rows)))
+    assert "**Tie:** lora default r=4: lr=0.001 within one standard error" in text
+    assert "the best mean, lr=0.003, is the choice" in text
+    # 0.905 vs 0.915 on single seeds: no spread to compare with, so no tie is claimed
+    single = [lora(4, 0.001, 0, 0.905, 0.9), lora(4, 0.003, 0, 0.915, 0.9)]
+    assert chosen_learning_rates(table(single))["ties"].tolist() == [[]]
 
 
-def test_the_t_test_decides_on_numbers_checked_by_hand():
-    # Baseline mean 0.945. r=1: 3.5 points below, r=2: 1.4 points below: out by the tolerance.
-    # r=4: 0.5 points below; t = -0.005/sqrt(2·0.005²/3) = -1.2247 on 4 degrees of freedom
-    # (equal variances): one-sided p = 0.1438 ≥ 0.05: recommended.
-    result = recommendation(
-        {1: [0.90, 0.91, 0.92], 2: [0.930, 0.931, 0.932], 4: [0.935, 0.940, 0.945]},
-        baseline=[0.940, 0.945, 0.950],
+def test_diverged_runs_never_win_a_choice_and_are_counted():
+    # lr=0.01: two finished seeds with val 0.95 and one diverged; lr=0.003: three seeds at 0.90.
+    # The survivors' mean (0.95) would flatter lr=0.01: lr=0.003 is chosen.
+    rows = [lora(4, 0.01, s, val=0.95, test=0.95) for s in (0, 1)]
+    rows += [lora(4, 0.01, 2, val=0.1, test=0.1, status="diverged")]
+    rows += [lora(4, 0.003, s, val=0.90, test=0.90) for s in range(3)]
+    rows += [full(0.001, s, val=0.9, test=0.9) for s in range(3)]
+    df = table(rows)
+    chosen = chosen_learning_rates(df).set_index("stage")
+    assert chosen.loc["lora", "learning_rate"] == 0.003 and chosen.loc["lora", "diverged"] == 1
+    assert not selected_mask(df)[df["status"] == "diverged"].any()
+    from lora_lab.report.tables import summary_table
+
+    summary = summary_table(df).set_index(["stage", "learning_rate"])
+    assert summary.loc[("lora", 0.01), ["n_seeds", "failed", "diverged"]].tolist() == [2, 1, 1]
+    assert summary.loc[("lora", 0.003), "diverged"] == 0
+    # every learning rate diverged somewhere: the best surviving mean is chosen all the same
+    rows[3]["status"] = "diverged"
+    assert (
+        chosen_learning_rates(table(rows)).set_index("stage").loc["lora", "learning_rate"] == 0.01
     )
-    assert result.rank == 4
-    assert result.p_value == pytest.approx(0.1438, abs=5e-4)
-    # 0.6 points below (within the tolerance), but t = -0.006/sqrt(2·0.001²/3) = -7.35, df = 4:
-    # p = 0.0009, significantly below: no rank qualifies.
-    strict = recommendation({2: [0.930, 0.931, 0.932]}, baseline=[0.936, 0.937, 0.938])
-    assert strict.rank is None and strict.p_value == pytest.approx(0.00090, abs=1e-4)
-    assert "none; no rank is both within 1 point(s)" in strict.sentence(0.01)
-
-
-def test_fewer_than_three_seeds_use_the_tolerance_and_say_no_test_was_possible():
-    result = recommendation({1: [0.90, 0.91], 8: [0.935, 0.937]}, baseline=[0.94, 0.944])
-    assert result.rank == 8 and result.p_value is None
-    assert "no t-test with 2 seed(s): within 1 point(s)" in result.sentence(0.01)
-    assert "1.82% of the full finetune's 55,050" in result.sentence(0.01)
-
-
-def test_recommended_rank_is_given_per_method():
-    rows = [lora(r, 0.001, s, 0.5, t + 0.002 * s, m) for m, r, t in (("default", 1, 0.90),
-            ("default", 4, 0.94), ("dora", 1, 0.94), ("dora", 4, 0.94)) for s in range(3)]  # fmt: skip
-    rows += [full(0.001, s, 0.5, 0.94 + 0.002 * s) for s in range(3)]
-    by_method = {r.method: r.rank for r in recommend(table(rows))}
-    assert by_method == {"default": 4, "dora": 1}

@@ -1,0 +1,115 @@
+"""The "Recommended rank" section of report.md: the rule, the answer, every rank's test."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from lora_lab.report.tables import markdown_table
+from lora_lab.report.verdict import (
+    MIN_SEEDS,
+    NO_SAVING,
+    NOT_TESTED,
+    PASS,
+    RankTest,
+    Recommendation,
+    recommend,
+)
+
+
+def rule_sentence(tolerance: float) -> str:
+    """The recommendation rule, in one sentence."""
+    return (
+        "**Rule:** a rank is recommended when it is non-inferior to the full finetune, that is "
+        "when the one-sided 95% Welch upper bound of its gap in mean test accuracy (each side "
+        f"at its validation-chosen learning rate, ≥ {MIN_SEEDS} seeds a side) is below the "
+        f"tolerance of {100 * tolerance:g} point(s) (`report.tolerance`), testing the ranks that "
+        "train fewer parameters than the full finetune as a fixed sequence from the largest "
+        "down and recommending the last one that passes before the first that fails."
+    )
+
+
+def _verdict(test: RankTest) -> str:
+    if test.verdict == NO_SAVING:
+        return "never: as many trainable parameters as the full finetune, or more"
+    if test.verdict == NOT_TESTED:
+        return "not tested (the sequence stopped above)"
+    return test.verdict
+
+
+def _interval(test: RankTest) -> str:
+    low, high = test.interval.low, test.interval.high
+    if math.isnan(low):
+        return "unknown (one seed)"
+    return f"[{100 * low:.2f}, {100 * high:.2f}]"
+
+
+def rank_tests_table(recommendation: Recommendation) -> pd.DataFrame:
+    """One row per rank of one method, largest first: gap, intervals, seeds and verdict.
+
+    Args:
+        recommendation: One method's `Recommendation`.
+
+    Returns:
+        Text columns for `markdown_table`; gaps and bounds in accuracy points.
+    """
+    full = recommendation.full_params
+    rows = []
+    for test in recommendation.tests:
+        share = f" ({100 * test.params / full:.3g}%)" if full and not math.isnan(full) else ""
+        upper = test.interval.upper
+        rows.append(
+            {
+                "rank": f"{test.rank}" + (" (full rank)" if test.full_rank else ""),
+                "trainable params": f"{test.params:,.0f}{share}",
+                "seeds (LoRA / full)": f"{test.seeds[0]} / {test.seeds[1]}",
+                "test_acc": f"{test.mean:.4f}",
+                "gap (points)": f"{100 * test.interval.gap:.2f}",
+                "two-sided 95% interval": _interval(test),
+                "one-sided 95% upper bound": "" if math.isnan(upper) else f"{100 * upper:.2f}",
+                "verdict": _verdict(test),
+                "seeds needed": _needed(test),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _needed(test: RankTest) -> str:
+    if test.verdict in (PASS, NO_SAVING):
+        return ""
+    return "cannot clear" if test.needed is None else f"~{test.needed}"
+
+
+def recommended_section(df: pd.DataFrame, tolerance: float) -> list[str]:
+    """The answer first: the rule, the recommended rank per method, and every rank's test.
+
+    Args:
+        df: A normalized results table.
+        tolerance: `report.tolerance`.
+
+    Returns:
+        Markdown lines; [] when the study has no accuracy or no finished full finetune.
+    """
+    recommendations = recommend(df, tolerance)
+    if not recommendations:
+        return []
+    lines = ["## Recommended rank", "", rule_sentence(tolerance), ""]
+    lines += [f"- {r.sentence(tolerance)}." for r in recommendations]
+    lines.append("")
+    for recommendation in recommendations:
+        if len(recommendations) > 1:
+            lines += [f"### {recommendation.method}", ""]
+        lines.append(markdown_table(rank_tests_table(recommendation)))
+    lines += [
+        "Gap = mean full-finetune test accuracy − mean LoRA test accuracy, in points, at each "
+        "side's chosen learning rate; intervals are Welch's (a side with collapsed seeds has no "
+        "spread: with none on either side the interval is the gap itself). *Seeds needed*: "
+        f"the smallest n ≥ {MIN_SEEDS} seeds per side at which the observed gap's upper bound, "
+        "with the observed spreads, would fall below the tolerance; *cannot clear* when the "
+        "gap itself is at or above it (or no spread is known). *Full rank* is marked only when "
+        "the parameter counts prove it (rank ≥ half the parameters each rank adds); results.csv "
+        "holds no layer shapes, so a smaller full rank is not shown.",
+        "",
+    ]
+    return lines

@@ -1,0 +1,302 @@
+"""The rank a study recommends: non-inferiority to the full finetune, tested largest rank first.
+
+For each method and rank, at its chosen learning rate (the `selected` rows), the *gap* is
+mean(full finetune test_acc) − mean(LoRA test_acc). Its one-sided 95% upper confidence bound is
+Welch's: gap + t(0.95, ν)·se, with se = sqrt(s_f²/n_f + s_l²/n_l) (sample variances) and ν the
+Welch–Satterthwaite degrees of freedom (`scipy.stats.t` gives the quantile); the two-sided 95%
+interval is gap ± t(0.975, ν)·se. A rank is *non-inferior* when the upper bound is below
+`report.tolerance`. The ranks whose adapters train fewer parameters than the full finetune are
+tested as a fixed sequence from the largest down, stopping at the first that fails or has
+fewer than 3 seeds on either side; the recommended rank is the last that passed. A fixed
+sequence keeps the family-wise error at 5% with no multiplicity correction. A rank with as many
+trainable parameters as the full finetune, or more, saves nothing: it is shown, never tested.
+
+Collapsed seeds (identical values, zero variance) are handled by hand, where scipy's t-test
+would warn and return NaN: with no spread on either side the bound is the gap itself; with
+spread on one side only, ν = n − 1 of that side (Welch–Satterthwaite's limit).
+
+Seeds needed: with n seeds on each side and the observed spreads s_f, s_l, the bound of the
+observed gap g is g + t(0.95, ν_n)·sqrt((s_f² + s_l²)/n), ν_n = (n − 1)(s_f² + s_l²)²/(s_f⁴ + s_l⁴).
+The estimate is the smallest n ≥ 3 at which that falls below the tolerance (a side with one
+seed borrows the other's spread); when g ≥ tolerance no number of seeds can clear it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from lora_lab.report.selection import selected_mask
+
+DEFAULT_TOLERANCE = 0.01  # one accuracy point
+CONFIDENCE = 0.95
+MIN_SEEDS = 3
+MAX_SEEDS_ESTIMATE = 1000  # past this, "more than 1000" says enough
+
+#: Verdicts of one rank, as the report's table shows them.
+PASS, FAIL, FEW_SEEDS, NOT_TESTED, NO_SAVING = (
+    "pass",
+    "fail",
+    "too few seeds",
+    "not tested",
+    "no saving",
+)
+
+
+@dataclass(frozen=True)
+class Gap:
+    """The full finetune's mean test accuracy minus a rank's, with its Welch intervals.
+
+    Attributes:
+        gap: mean(full) − mean(LoRA), accuracy as a fraction (0.01 = 1 point).
+        upper: One-sided 95% upper bound of the gap (NaN when a side has one seed only).
+        low, high: Two-sided 95% interval (NaN likewise).
+        df: Welch–Satterthwaite degrees of freedom (inf with no spread on either side).
+    """
+
+    gap: float
+    upper: float
+    low: float
+    high: float
+    df: float
+
+
+def _variance(values: np.ndarray) -> float:
+    """Sample variance (ddof=1); exactly 0 for identical values, where float rounding of the
+    mean would leave ~1e-32 and a spurious spread (scipy's "precision loss" case)."""
+    return 0.0 if np.ptp(values) == 0 else float(np.var(values, ddof=1))
+
+
+def welch_gap(full: np.ndarray, lora: np.ndarray) -> Gap:
+    """The gap mean(full) − mean(lora) and its one- and two-sided 95% Welch intervals.
+
+    Args:
+        full: Test accuracies of the full finetune, one per seed, shape [n_f].
+        lora: Test accuracies of one rank, one per seed, shape [n_l].
+
+    Returns:
+        The gap; bounds are NaN when either side has fewer than 2 seeds (no spread known).
+    """
+    gap = float(np.mean(full) - np.mean(lora))
+    if len(full) < 2 or len(lora) < 2:
+        return Gap(gap, math.nan, math.nan, math.nan, math.nan)
+    parts = [_variance(side) / len(side) for side in (full, lora)]
+    se = math.sqrt(sum(parts))
+    if se == 0.0:  # collapsed seeds on both sides: no spread, the interval is the point
+        return Gap(gap, gap, gap, gap, math.inf)
+    df = se**4 / sum(
+        part**2 / (len(side) - 1) for part, side in zip(parts, (full, lora), strict=True)
+    )
+    one, two = stats.t.ppf(CONFIDENCE, df), stats.t.ppf(1 - (1 - CONFIDENCE) / 2, df)
+    return Gap(gap, float(gap + one * se), float(gap - two * se), float(gap + two * se), float(df))
+
+
+def seeds_needed(full: np.ndarray, lora: np.ndarray, tolerance: float) -> int | None:
+    """Seeds per side at which the observed gap's upper bound would clear `tolerance`.
+
+    Args:
+        full: The full finetune's test accuracies, shape [n_f].
+        lora: One rank's test accuracies, shape [n_l].
+        tolerance: The non-inferiority margin.
+
+    Returns:
+        The smallest n ≥ 3 (see the module docstring); None when the gap itself is at or
+        above the tolerance, when no spread is known (one seed on both sides), or past
+        `MAX_SEEDS_ESTIMATE`.
+    """
+    gap = float(np.mean(full) - np.mean(lora))
+    if gap >= tolerance:
+        return None
+    known = [_variance(side) for side in (full, lora) if len(side) >= 2]
+    if not known:
+        return None
+    var_full = _variance(full) if len(full) >= 2 else known[0]
+    var_lora = _variance(lora) if len(lora) >= 2 else known[0]
+    total = var_full + var_lora
+    if total == 0.0:
+        return MIN_SEEDS
+    for n in range(MIN_SEEDS, MAX_SEEDS_ESTIMATE + 1):
+        df = (n - 1) * total**2 / (var_full**2 + var_lora**2)
+        if gap + stats.t.ppf(CONFIDENCE, df) * math.sqrt(total / n) < tolerance:
+            return n
+    return None
+
+
+@dataclass(frozen=True)
+class RankTest:
+    """One rank's place in the sequence.
+
+    Attributes:
+        rank: The LoRA rank.
+        mean: Its mean test accuracy at its chosen learning rate.
+        interval: Its gap to the full finetune (`Gap`).
+        seeds: Finished seeds of the rank and of the full finetune.
+        params: Its trainable parameters.
+        full_rank: True when the parameter counts prove the rank is at least every adapted
+            layer's full rank (see `full_rank_ranks`).
+        verdict: One of PASS, FAIL, FEW_SEEDS, NOT_TESTED (after the sequence stopped) and
+            NO_SAVING (as many trainable parameters as the full finetune, or more).
+        needed: Estimated seeds per side for the bound to clear the tolerance (None: cannot).
+    """
+
+    rank: int
+    mean: float
+    interval: Gap
+    seeds: tuple[int, int]
+    params: float
+    full_rank: bool
+    verdict: str
+    needed: int | None
+
+
+def full_rank_ranks(params_by_rank: dict[int, float]) -> set[int]:
+    """The ranks the parameter counts prove full rank in every adapted layer.
+
+    A LoRA adapter trains rank·Σ(in + out) parameters over its layers, plus a constant
+    (DoRA magnitudes, saved modules), so with two or more ranks the slope a = Σ(in + out) is
+    known. Each layer's full rank min(in, out) is at most (in + out)/2 ≤ a/2, so a rank ≥ a/2
+    is full rank everywhere. Smaller ranks may be too, but results.csv cannot tell.
+
+    Args:
+        params_by_rank: Trainable parameters of one method at each rank.
+
+    Returns:
+        The proven ranks; empty when the counts are not exactly linear in the rank.
+    """
+    ranks = sorted(params_by_rank)
+    if len(ranks) < 2:
+        return set()
+    slope = (params_by_rank[ranks[-1]] - params_by_rank[ranks[0]]) / (ranks[-1] - ranks[0])
+    base = params_by_rank[ranks[0]] - slope * ranks[0]
+    if slope <= 0 or any(abs(base + slope * r - params_by_rank[r]) > 0.5 for r in ranks):
+        return set()
+    return {rank for rank in ranks if rank >= slope / 2}
+
+
+def _points(value: float) -> str:
+    """An accuracy difference in points (0.0123 → "1.23"); "?" when unknown."""
+    return "?" if math.isnan(value) else f"{100 * value:.2f}"
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The recommended rank of one method, or why there is none.
+
+    Attributes:
+        method: The LoRA method.
+        rank: The recommended rank; None when no rank was shown non-inferior.
+        full_mean: The tuned full finetune's mean test accuracy.
+        full_params: The full finetune's trainable parameters.
+        tests: Every rank's test, largest rank first (the order of the sequence).
+    """
+
+    method: str
+    rank: int | None
+    full_mean: float
+    full_params: float
+    tests: tuple[RankTest, ...]
+
+    @property
+    def chosen(self) -> RankTest | None:
+        """The recommended rank's test."""
+        return next((t for t in self.tests if t.rank == self.rank), None)
+
+    @property
+    def stop(self) -> RankTest | None:
+        """The rank where the sequence stopped (it failed or had too few seeds), if any."""
+        return next((t for t in self.tests if t.verdict in (FAIL, FEW_SEEDS)), None)
+
+    def sentence(self, tolerance: float) -> str:
+        """One line for the terminal and the top of report.md."""
+        head = "recommended rank" + ("" if self.method in ("", "default") else f" ({self.method})")
+        margin = f"{100 * tolerance:g} point(s)"
+        chosen, stop = self.chosen, self.stop
+        if chosen is not None:
+            share = 100 * chosen.params / self.full_params if self.full_params else math.nan
+            text = (
+                f"{head}: r={chosen.rank}: {_points(chosen.interval.gap)} points below the full "
+                f"finetune ({self.full_mean:.4f}), one-sided 95% upper bound "
+                f"{_points(chosen.interval.upper)} < {margin} ({chosen.seeds[0]} vs "
+                f"{chosen.seeds[1]} seeds); {chosen.params:,.0f} trainable parameters, "
+                f"{share:.3g}% of the full finetune's {self.full_params:,.0f}"
+            )
+            return text + (
+                "" if stop is None else f"; the sequence stopped at {_why(stop, margin)}"
+            )
+        if stop is None:
+            return f"{head}: none; no rank trains fewer parameters than the full finetune"
+        return f"{head}: none; the sequence stopped at its first rank, {_why(stop, margin)}"
+
+
+def _why(test: RankTest, margin: str) -> str:
+    """Why the sequence stopped at `test`, in a clause."""
+    seeds = f"{test.seeds[0]} vs {test.seeds[1]} seeds"
+    estimate = f"{_points(test.interval.gap)} points below (one-sided 95% upper bound "
+    estimate += f"{_points(test.interval.upper)}, {seeds})"
+    if test.verdict == FAIL:
+        return f"r={test.rank}: {estimate}, not below {margin}"
+    if test.needed is None:
+        need = "no number of seeds would show it within the tolerance"
+    else:
+        need = f"about {test.needed} seeds per side would settle it"
+    return f"r={test.rank}, too few seeds for a test (≥ {MIN_SEEDS} a side): {estimate}; {need}"
+
+
+def _sequence(
+    method: str, runs: pd.DataFrame, full: np.ndarray, full_params: float, tolerance: float
+) -> Recommendation:
+    """Test one method's ranks, largest first, and stop at the first that fails."""
+    by_rank = {int(rank): group for rank, group in runs.groupby("rank")}
+    params = {rank: float(group["trainable_params"].median()) for rank, group in by_rank.items()}
+    proven = full_rank_ranks(params)
+    tests, recommended, stopped = [], None, False
+    for rank in sorted(by_rank, reverse=True):
+        values = by_rank[rank]["test_acc"].to_numpy(dtype=float)
+        interval = welch_gap(full, values)
+        if params[rank] >= full_params:  # NaN compares False: unknown counts are not refused
+            verdict = NO_SAVING
+        elif stopped:
+            verdict = NOT_TESTED
+        elif min(len(values), len(full)) < MIN_SEEDS:
+            verdict, stopped = FEW_SEEDS, True
+        elif interval.upper < tolerance:
+            verdict, recommended = PASS, rank
+        else:
+            verdict, stopped = FAIL, True
+        needed = None if verdict == PASS else seeds_needed(full, values, tolerance)
+        seeds = (len(values), len(full))
+        tests.append(
+            RankTest(rank, float(values.mean()), interval, seeds, params[rank],
+                     rank in proven, verdict, needed)
+        )  # fmt: skip
+    return Recommendation(method, recommended, float(full.mean()), full_params, tuple(tests))
+
+
+def recommend(df: pd.DataFrame, tolerance: float = DEFAULT_TOLERANCE) -> list[Recommendation]:
+    """The recommended rank of each method (see the module docstring), from the tuned rows.
+
+    Args:
+        df: A normalized results table (`selected` is recomputed here from val_acc).
+        tolerance: The non-inferiority margin (0.01 = 1 point of test accuracy).
+
+    Returns:
+        One recommendation per method; [] for a study without accuracy or without a finished
+        full finetune.
+    """
+    if "test_acc" not in df or df["test_acc"].isna().all():
+        return []
+    tuned = df[selected_mask(df)]
+    full_rows = tuned[tuned["stage"] == "full_finetune"].dropna(subset=["test_acc"])
+    if full_rows.empty:
+        return []
+    full = full_rows["test_acc"].to_numpy(dtype=float)
+    full_params = float(full_rows["trainable_params"].median())
+    lora = tuned[tuned["stage"] == "lora"].dropna(subset=["rank", "test_acc"])
+    return [
+        _sequence(str(method), runs, full, full_params, tolerance)
+        for method, runs in lora.groupby("method", sort=False)
+    ]
