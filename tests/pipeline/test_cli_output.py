@@ -4,6 +4,7 @@ files colleagues can read."""
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -88,6 +89,15 @@ def test_progress_and_summary_reach_the_log_file(logged_study):
         "study written to",
     ):
         assert line in log
+
+
+def test_the_log_says_when_the_first_training_step_began(logged_study):
+    out, _ = logged_study
+    (line,) = [
+        line for line in (out / "lora-lab.log").read_text().splitlines() if "start-up" in line
+    ]
+    seconds = float(re.search(r"first training step ([\d.]+) s after the process started", line)[1])
+    assert 0 < seconds < 300  # the fixture's own time limit
 
 
 def test_no_per_batch_bar_when_stderr_is_not_a_terminal(logged_study):
