@@ -12,6 +12,7 @@ pool (`parallel`); what is written is the same.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ from omegaconf import DictConfig
 from lora_lab._atomic import atomic_write_text
 from lora_lab.pipeline.console import say
 from lora_lab.pipeline.environment import environment
-from lora_lab.pipeline.fused import train_fused
+from lora_lab.pipeline.fused import PASSES, train_fused
+from lora_lab.pipeline.fusion import fusable
 from lora_lab.pipeline.parallel import run_pooled
 from lora_lab.pipeline.plan import plan, sweep_jobs
 from lora_lab.pipeline.progress import Progress
@@ -41,11 +43,13 @@ def run_sweep(cfg: DictConfig, study_dir: Path, command: str = "lora-lab sweep")
     """
     runs = plan(cfg)  # every run, its config, identity and name; every input checked
     env = open_study(cfg, study_dir, command)
-    progress = Progress(runs, study_dir)
+    progress = Progress(runs, study_dir, sweep_jobs(cfg))
     todo = progress.skip_finished()
     pretrain = [i for i in todo if runs[i].stage == "pretrain"]
     others = [i for i in todo if runs[i].stage == "full_finetune"]
     lora = [i for i in todo if runs[i].stage == "lora"]
+    if cfg.sweep.get("fused", False):  # the time left counts these runs as passes
+        progress.expect_passes(fusable([runs[i] for i in lora])[0])
 
     run_sequential(pretrain, progress, env, target_data=stage_config(cfg, "lora").data)
     if "pretrain" in progress.failed:
@@ -62,6 +66,8 @@ def run_sweep(cfg: DictConfig, study_dir: Path, command: str = "lora-lab sweep")
         else:
             run_pooled(others + lora, progress, env, jobs, pretrained)
 
+    if not progress.failed:  # a pass that failed left its folder; its runs went on their own
+        shutil.rmtree(study_dir / PASSES, ignore_errors=True)
     frame, _ = write_results_csv(study_dir)
     write_report(study_dir)
     if progress.skipped:

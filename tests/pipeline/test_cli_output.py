@@ -91,6 +91,26 @@ def test_progress_and_summary_reach_the_log_file(logged_study):
         assert line in log
 
 
+def test_the_counter_counts_every_run_fused_passes_included(logged_study):
+    out, stderr = logged_study
+    counters = re.findall(r"^\[([\d-]+)/(\d+)\] (.*) … eta (\S+)$", stderr, re.MULTILINE)
+    assert [(count, total) for count, total, _, _ in counters] == [
+        ("1", "4"),
+        ("2", "4"),
+        ("3-4", "4"),  # the two LoRA runs, in one fused pass
+    ]
+    assert counters[2][2] == "fused: lora ranks 1,2 seed 0: 2 runs train in one pass"
+    assert counters[0][3] == "?" and all(eta != "?" for *_, eta in counters[1:])
+    assert "[3-4/4] fused" in (out / "lora-lab.log").read_text()
+
+
+def test_a_finished_fused_study_leaves_no_resume_files(logged_study):
+    out, _ = logged_study
+    assert pd.read_csv(out / "results.csv")["pass"].str.startswith("fused_").sum() == 2
+    assert not (out / "passes").exists()
+    assert [p for p in out.rglob("*") if p.name in ("identity.txt", "last.ckpt")] == []
+
+
 def test_the_log_says_when_the_first_training_step_began(logged_study):
     out, _ = logged_study
     (line,) = [
