@@ -235,10 +235,7 @@ def _hydra_command(command: str, args: list[str], debug: bool) -> int:
                 _say_recommendation(study_dir, float(cfg.report.tolerance))
                 return 1 if failed else 0
             result, _ = train(cfg, study_dir)
-            say(
-                f"{result.run_id}: test_acc={result.test_acc} "
-                f"test_loss={result.test_loss:.4f} → {study_dir}"
-            )
+            say(f"{result.summary()} → {study_dir}")
             return 0
 
         code = _guard(body, debug)

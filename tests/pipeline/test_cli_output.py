@@ -120,6 +120,20 @@ def test_the_log_says_when_the_first_training_step_began(logged_study):
     assert 0 < seconds < 300  # the fixture's own time limit
 
 
+def test_train_prints_its_figures_as_results_csv_has_them(tmp_path: Path, capsys):
+    out = tmp_path / "base"
+    args = ["train", "stage=pretrain", *tiny_study_overrides(tmp_path), f"output_dir={out}"]
+    assert main(args) == 0
+    (line,) = [
+        line for line in capsys.readouterr().err.splitlines() if line.startswith("pretrain:")
+    ]
+    row = pd.read_csv(out / "results.csv").iloc[0]
+    assert line == (
+        f"pretrain: test_acc={row.test_acc} test_loss={row.test_loss} on the finetune task's "
+        f"test set; source_test_acc={row.source_test_acc} on its own task's → {out}"
+    )
+
+
 def test_no_per_batch_bar_when_stderr_is_not_a_terminal(logged_study):
     _, stderr = logged_study
     assert "it/s]" not in stderr and "\r" not in stderr
