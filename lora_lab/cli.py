@@ -143,6 +143,9 @@ def _preflight(command: str, parsed: argparse.Namespace) -> list[str]:
     checkpoints are there, and output_dir can take the study. Bad input leaves no new folder
     and an existing one untouched. Under `-m`, every job of the sweep is checked.
 
+    The plain values are checked first, before torch and Lightning are imported, so that a
+    bad one is refused at once; then what only built objects can check.
+
     Returns:
         One line per command-line override that another key shadows.
     """
@@ -194,12 +197,24 @@ def _check_job(
 ) -> None:
     """The checks of one study (`sweep`) or one stage (`train`); under `-m`, `sweep_dir` is
     the multirun folder that holds each job's folder."""
-    from lora_lab.pipeline import check_output_dir, check_study_dir, plan, train_preflight
+    from lora_lab.pipeline.config_check import check_values
+    from lora_lab.pipeline.plan import plan
+    from lora_lab.pipeline.resume import check_output_dir, check_study_dir
 
     out = Path(str(cfg.output_dir)).expanduser()
+    # Plain values first: these modules import no torch, so a bad value is refused at once.
     if command == "sweep":
-        plan(cfg, build_trainer)
+        runs = plan(cfg)
     else:
+        check_values(cfg, stages=(str(cfg.stage),))
+    # What only built objects can check: from here on torch and Lightning are imported.
+    if command == "sweep":
+        from lora_lab.pipeline.preflight import check_study
+
+        check_study(cfg, runs, build_trainer)
+    else:
+        from lora_lab.pipeline.train import train_preflight
+
         train_preflight(cfg, build_trainer)
     check_output_dir(sweep_dir or out)
     if command == "sweep" and sweep_dir is None:
@@ -210,16 +225,18 @@ def _hydra_command(command: str, args: list[str], debug: bool) -> int:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from lora_lab.pipeline import run_sweep, train
-    from lora_lab.pipeline.console import say
-    from lora_lab.pipeline.parallel import JobFailed
-
     exit_code = 0
     command_line = shlex.join(["lora-lab", command, *args])
     parent = os.getpid()
     notes: list[str] = []
 
     def task(cfg: DictConfig) -> None:
+        # Where training starts: torch and Lightning are imported here, not before.
+        from lora_lab.pipeline.console import say
+        from lora_lab.pipeline.parallel import JobFailed
+        from lora_lab.pipeline.sweep import run_sweep
+        from lora_lab.pipeline.train import train
+
         nonlocal exit_code
         study_dir = Path(HydraConfig.get().runtime.output_dir)
         for note in notes:
@@ -227,7 +244,8 @@ def _hydra_command(command: str, args: list[str], debug: bool) -> int:
 
         def body() -> int:
             if command == "sweep":
-                summary = run_sweep(cfg, study_dir, command=command_line)
+                # The preflight checked this very job unless Hydra launched several (-m).
+                summary = run_sweep(cfg, study_dir, command_line, checked=not parsed.multirun)
                 say(f"study written to {study_dir} (results.csv, accuracy_vs_rank.png, report.md)")
                 failed = summary["failed"]
                 if failed:
@@ -291,7 +309,7 @@ def _study_dir(args: list[str], command: str) -> Path:
 
 
 def _report(args: list[str]) -> int:
-    from lora_lab.pipeline import write_results_csv
+    from lora_lab.pipeline.record import write_results_csv
     from lora_lab.report import write_report
 
     study = _study_dir(args, "report")

@@ -25,6 +25,7 @@ from lora_lab.pipeline.fused import PASSES, train_fused
 from lora_lab.pipeline.fusion import fusable
 from lora_lab.pipeline.parallel import run_pooled
 from lora_lab.pipeline.plan import plan, sweep_jobs
+from lora_lab.pipeline.preflight import check_study
 from lora_lab.pipeline.progress import Progress
 from lora_lab.pipeline.record import write_results_csv
 from lora_lab.pipeline.resume import STUDY_FILE, check_study_dir, set_aside, study_config
@@ -35,13 +36,24 @@ from lora_lab.report import write_report
 PRETRAINED = Path("checkpoints") / "pretrain.safetensors"
 
 
-def run_sweep(cfg: DictConfig, study_dir: Path, command: str = "lora-lab sweep") -> dict[str, Any]:
+def run_sweep(
+    cfg: DictConfig, study_dir: Path, command: str = "lora-lab sweep", checked: bool = False
+) -> dict[str, Any]:
     """Run the whole study into `study_dir`, skipping runs finished earlier.
+
+    Args:
+        cfg: The composed study config.
+        study_dir: The study folder.
+        command: The command line, recorded in `study.json`.
+        checked: True when `preflight.check_study` has passed for this config already (the
+            command line's preflight), so that nothing is built twice.
 
     Returns:
         `{"results": DataFrame, "failed": [run ids], "skipped": [run ids]}`.
     """
-    runs = plan(cfg)  # every run, its config, identity and name; every input checked
+    runs = plan(cfg)  # every run, its config, identity and name; every plain value checked
+    if not checked:
+        check_study(cfg, runs)
     env = open_study(cfg, study_dir, command)
     progress = Progress(runs, study_dir, sweep_jobs(cfg))
     todo = progress.skip_finished()
