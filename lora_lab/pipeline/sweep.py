@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from lora_lab.pipeline.environment import environment
 from lora_lab.pipeline.fused import PASSES, train_fused
 from lora_lab.pipeline.fusion import fusable
 from lora_lab.pipeline.parallel import run_pooled
-from lora_lab.pipeline.plan import plan, sweep_jobs
+from lora_lab.pipeline.plan import PlannedRun, plan, sweep_jobs
 from lora_lab.pipeline.preflight import check_study
 from lora_lab.pipeline.progress import Progress
 from lora_lab.pipeline.record import write_results_csv
@@ -37,7 +38,10 @@ PRETRAINED = Path("checkpoints") / "pretrain.safetensors"
 
 
 def run_sweep(
-    cfg: DictConfig, study_dir: Path, command: str = "lora-lab sweep", checked: bool = False
+    cfg: DictConfig,
+    study_dir: Path,
+    command: str = "lora-lab sweep",
+    runs: Sequence[PlannedRun] | None = None,
 ) -> dict[str, Any]:
     """Run the whole study into `study_dir`, skipping runs finished earlier.
 
@@ -45,15 +49,16 @@ def run_sweep(
         cfg: The composed study config.
         study_dir: The study folder.
         command: The command line, recorded in `study.json`.
-        checked: True when `preflight.check_study` has passed for this config already (the
-            command line's preflight), so that nothing is built twice.
+        runs: The plan of this very config, checked by `preflight.check_study` already (the
+            command line's preflight), so that nothing is planned or built twice; None: it is
+            planned and checked here.
 
     Returns:
         `{"results": DataFrame, "failed": [run ids], "skipped": [run ids]}`.
     """
-    runs = plan(cfg)  # every run, its config, identity and name; every plain value checked
-    if not checked:
-        check_study(cfg, runs)
+    if runs is None:
+        runs = plan(cfg)  # every run, its config, identity and name; every plain value checked
+        check_study(cfg, runs)  # and what only built objects can check
     env = open_study(cfg, study_dir, command)
     progress = Progress(runs, study_dir, sweep_jobs(cfg))
     todo = progress.skip_finished()

@@ -12,9 +12,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 
 from lora_lab.cli import main
-from lora_lab.pipeline.overrides import shadowed_overrides
+from lora_lab.pipeline import plan as plan_module
+from lora_lab.pipeline import preflight as preflight_module
+from lora_lab.pipeline import sweep as sweep_module
+from lora_lab.pipeline.overrides import pinned_output_dir, shadowed_overrides
 from tests.pipeline.study_config import composed, tiny_study_overrides
 
 
@@ -56,6 +61,37 @@ def test_sweep_axes_shadow_their_keys():
     assert any("module.optimizer.lr=0.5 does not reach the LoRA runs" in n for n in notes)
     # `lora-lab train` has no sweep: lora.rank is the run's rank
     assert shadowed_overrides(composed("lora.rank=4"), ["lora.rank=4"], "train") == []
+
+
+def test_the_folder_the_preflight_checked_is_the_one_hydra_is_given():
+    cfg = composed()  # output_dir: outputs/${name}_${now:…}, which Hydra would resolve again
+    (pin,) = pinned_output_dir(cfg, [])
+    (override,) = OverridesParser.create().parse_overrides([pin])
+    assert override.key_or_group == "output_dir" and override.value() == str(cfg.output_dir)
+    assert pinned_output_dir(cfg, ["output_dir=/tmp/mine"]) == []  # the user's own
+    (pin,) = pinned_output_dir(OmegaConf.merge(cfg, {"output_dir": "/tmp/it's here"}), [])
+    assert OverridesParser.create().parse_overrides([pin])[0].value() == "/tmp/it's here"
+
+
+def test_a_study_is_planned_and_built_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    calls: list[str] = []
+    plan, check_study = plan_module.plan, preflight_module.check_study
+
+    def counted_plan(cfg):
+        calls.append("plan")
+        return plan(cfg)
+
+    def counted_check(*args):
+        calls.append("check_study")
+        return check_study(*args)
+
+    for module in (plan_module, sweep_module):
+        monkeypatch.setattr(module, "plan", counted_plan)
+    for module in (preflight_module, sweep_module):
+        monkeypatch.setattr(module, "check_study", counted_check)
+    args = ["sweep", *tiny_study_overrides(tmp_path), f"output_dir={tmp_path / 'study'}"]
+    assert main([*args, "sweep.ranks=[1,2]"]) == 0
+    assert calls == ["plan", "check_study"]  # by the preflight; the study reuses its plan
 
 
 @pytest.fixture(scope="module")
