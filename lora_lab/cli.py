@@ -14,8 +14,9 @@ import os
 import shlex
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from lora_lab.config_path import CONFIG_NAME, config_dir, config_search_path
 
@@ -179,26 +180,57 @@ def _compose(parsed: argparse.Namespace) -> DictConfig:
     return cfg
 
 
-def _preflight(command: str, parsed: argparse.Namespace) -> list[str]:
+@dataclass
+class Checked:
+    """What the preflight found: the notes to say, and the one job it composed and checked
+    (not under `-m`, `--cfg` or `--help`), so that the job is not planned or built again.
+
+    Attributes:
+        notes: One line per command-line override that another key shadows.
+        cfg: The job's composed config.
+        runs: A sweep's plan of `cfg`, every check passed.
+        pinned: Overrides for Hydra that keep it to the job checked (`pinned_output_dir`).
+    """
+
+    notes: list[str] = field(default_factory=list)
+    cfg: DictConfig | None = None
+    runs: list[Any] | None = None
+    pinned: list[str] = field(default_factory=list)
+
+    def plan_of(self, cfg: DictConfig) -> list[Any] | None:
+        """The preflight's plan when `cfg` (Hydra's) has the values it checked, else None."""
+        from omegaconf import OmegaConf
+
+        values = OmegaConf.to_container(cfg, resolve=True)
+        if self.cfg is None or OmegaConf.to_container(self.cfg, resolve=True) != values:
+            return None
+        return self.runs
+
+
+def _preflight(command: str, parsed: argparse.Namespace) -> Checked:
     """Check everything that can be checked before Hydra runs and writes into output_dir:
     the config composes, every key has an allowed value, every stage builds, the data and
     checkpoints are there, and output_dir can take the study. Bad input leaves no new folder
     and an existing one untouched. Under `-m`, every job of the sweep is checked.
 
+    The plain values are checked first, before torch and Lightning are imported, so that a
+    bad one is refused at once; then what only built objects can check.
+
     Returns:
-        One line per command-line override that another key shadows.
+        The notes to say, and the job checked.
     """
-    from lora_lab.pipeline.overrides import shadowed_overrides
+    from lora_lab.pipeline.overrides import multirun_jobs, pinned_output_dir, shadowed_overrides
 
     if any((parsed.cfg, parsed.info, parsed.help, parsed.hydra_help, parsed.shell_completion)):
         if not parsed.multirun:
             _compose(parsed)  # a bad override is one line here too
-        return []  # Hydra prints and exits: nothing runs, nothing is written
+        return Checked()  # Hydra prints and exits: nothing runs, nothing is written
     if not parsed.multirun:
         cfg = _compose(parsed)
-        _check_job(command, cfg, None)
-        return shadowed_overrides(cfg, parsed.overrides, command)
-    jobs = _multirun_jobs(parsed.overrides)
+        runs = _check_job(command, cfg, None)
+        notes = shadowed_overrides(cfg, parsed.overrides, command)
+        return Checked(notes, cfg, runs, pinned_output_dir(cfg, parsed.overrides))
+    jobs = multirun_jobs(parsed.overrides)
     # A cluster launcher (submitit, Ray) trains elsewhere: this machine may lack the jobs'
     # accelerator, so their Trainers are built where they run.
     launchers = [
@@ -211,65 +243,65 @@ def _preflight(command: str, parsed: argparse.Namespace) -> list[str]:
         _check_job(command, cfg, Path(str(cfg.output_dir)).expanduser(), build_trainer=local)
         if index == 0:
             notes = shadowed_overrides(cfg, job, command)
-    return notes
-
-
-def _multirun_jobs(overrides: Sequence[str]) -> list[list[str]] | None:
-    """The overrides of each job of a `-m` sweep, as Hydra's basic sweeper splits them (None
-    under another sweeper, which decides its jobs as it goes)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    if any(arg.lstrip("+~").startswith(("hydra/sweeper=", "hydra.sweeper.")) for arg in overrides):
-        return None
-    try:
-        parsed = OverridesParser.create().parse_overrides(list(overrides))
-        (batch,) = BasicSweeper.split_arguments(parsed, None)
-    except HydraException as error:
-        raise UsageError(_one_line(error)) from None
-    return batch
+    return Checked(notes)
 
 
 def _check_job(
     command: str, cfg: DictConfig, sweep_dir: Path | None, build_trainer: bool = True
-) -> None:
+) -> list[Any] | None:
     """The checks of one study (`sweep`) or one stage (`train`); under `-m`, `sweep_dir` is
-    the multirun folder that holds each job's folder."""
-    from lora_lab.pipeline import check_output_dir, check_study_dir, plan, train_preflight
+    the multirun folder that holds each job's folder. Returns a study's plan."""
+    from lora_lab.pipeline.config_check import check_values
+    from lora_lab.pipeline.plan import plan
+    from lora_lab.pipeline.resume import check_output_dir, check_study_dir
 
     out = Path(str(cfg.output_dir)).expanduser()
+    # Plain values first: these modules import no torch, so a bad value is refused at once.
     if command == "sweep":
-        plan(cfg, build_trainer)
+        runs = plan(cfg)
     else:
+        check_values(cfg, stages=(str(cfg.stage),))
+    # What only built objects can check: from here on torch and Lightning are imported.
+    if command == "sweep":
+        from lora_lab.pipeline.preflight import check_study
+
+        check_study(cfg, runs, build_trainer)
+    else:
+        from lora_lab.pipeline.train import train_preflight
+
         train_preflight(cfg, build_trainer)
+        runs = None
     check_output_dir(sweep_dir or out)
     if command == "sweep" and sweep_dir is None:
         check_study_dir(cfg, out)
+    return runs
 
 
 def _hydra_command(command: str, args: list[str], debug: bool) -> int:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from lora_lab.pipeline import run_sweep, train
-    from lora_lab.pipeline.console import say
-    from lora_lab.pipeline.parallel import JobFailed
-
     exit_code = 0
     command_line = shlex.join(["lora-lab", command, *args])
     parent = os.getpid()
-    notes: list[str] = []
+    checked = Checked()
 
     def task(cfg: DictConfig) -> None:
+        # Where training starts: torch and Lightning are imported here, not before.
+        from lora_lab.pipeline.console import say
+        from lora_lab.pipeline.parallel import JobFailed
+        from lora_lab.pipeline.sweep import run_sweep
+        from lora_lab.pipeline.train import train
+
         nonlocal exit_code
         study_dir = Path(HydraConfig.get().runtime.output_dir)
-        for note in notes:
+        for note in checked.notes:
             say(f"note: {note}")
 
         def body() -> int:
             if command == "sweep":
-                summary = run_sweep(cfg, study_dir, command=command_line)
+                runs = checked.plan_of(cfg)  # None under -m: each job checks itself
+                summary = run_sweep(cfg, study_dir, command_line, runs)
                 say(f"study written to {study_dir} (results.csv, accuracy_vs_rank.png, report.md)")
                 failed = summary["failed"]
                 if failed:
@@ -277,10 +309,7 @@ def _hydra_command(command: str, args: list[str], debug: bool) -> int:
                 _say_recommendation(study_dir, float(cfg.report.tolerance))
                 return 1 if failed else 0
             result, _ = train(cfg, study_dir)
-            say(
-                f"{result.run_id}: test_acc={result.test_acc} "
-                f"test_loss={result.test_loss:.4f} → {study_dir}"
-            )
+            say(f"{result.summary()} → {study_dir}")
             return 0
 
         code = _guard(body, debug)
@@ -295,14 +324,15 @@ def _hydra_command(command: str, args: list[str], debug: bool) -> int:
     except SystemExit as stop:  # argparse has printed the usage and the problem
         return stop.code if isinstance(stop.code, int) else 2
 
-    def checked() -> int:
-        notes.extend(_preflight(command, parsed))
+    def preflight() -> int:
+        nonlocal checked
+        checked = _preflight(command, parsed)
         return 0
 
-    code = _guard(checked, debug)
+    code = _guard(preflight, debug)
     if code:
         return code
-    sys.argv = [f"lora-lab {command}", *args]
+    sys.argv = [f"lora-lab {command}", *args, *checked.pinned]
     app = hydra.main(config_path=config_search_path(), config_name=CONFIG_NAME, version_base="1.3")
     try:
         app(task)()
@@ -371,7 +401,7 @@ def _report(args: list[str]) -> int:
     for problem in problems:
         print(f"lora-lab: warning: {problem}", file=sys.stderr)
     if records:  # a study: rebuild its table from its runs' result.json
-        from lora_lab.pipeline import write_results_csv
+        from lora_lab.pipeline.record import write_results_csv
 
         frame, _ = write_results_csv(path)
         report = write_report(path, tolerance)

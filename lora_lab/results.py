@@ -177,6 +177,21 @@ class RunResult:
         row = {column: values[column] for column in COLUMNS if column in values}
         return {**row, **self.extra}
 
+    def summary(self) -> str:
+        """The run's metrics in one line, rounded as `results.csv` rounds them and named by the
+        task they measure: a pretrain row's `test_acc` and `test_loss` are the pretrained
+        network's on the finetune task's test set, `source_test_acc` its own task's."""
+
+        def shown(*names: str) -> str:
+            values = {name: getattr(self, name) for name in names}
+            return " ".join(f"{k}={round_metric(v)}" for k, v in values.items() if v is not None)
+
+        if self.stage != "pretrain":
+            return f"{self.run_id}: {shown('test_acc', 'test_loss', 'val_acc')}"
+        line = f"{self.run_id}: {shown('test_acc', 'test_loss')} on the finetune task's test set"
+        own = shown("source_test_acc")
+        return f"{line}; {own} on its own task's" if own else line
+
     def to_record(self, **records: Any) -> dict[str, Any]:
         """What `result.json` holds: the row, the identity and artefact, and `records` (the
         resolved config, the environment, …)."""

@@ -83,3 +83,18 @@ def test_empty_results_file_is_a_value_error(tmp_path: Path) -> None:
     (tmp_path / "results.csv").write_text("")
     with pytest.raises(ValueError, match="empty"):
         read_results(tmp_path / "results.csv")
+
+
+def test_a_results_summary_rounds_as_the_table_and_names_the_task(tmp_path: Path):
+    lora = finished(test_acc=0.23240000009536743, test_loss=2.302585124969482, val_acc=None)
+    pretrain = finished(
+        run_id="pretrain", stage="pretrain", rank=None, test_acc=0.0, source_test_acc=0.8999999761
+    )
+    write_result(tmp_path / "runs" / "a", lora.to_record())
+    row = results_frame(find_results(tmp_path)[0]).iloc[0]
+    assert lora.summary() == f"lora_r4_a4_s1: test_acc={row.test_acc} test_loss={row.test_loss}"
+    assert lora.summary() == "lora_r4_a4_s1: test_acc=0.2324 test_loss=2.30259"
+    assert pretrain.summary() == (
+        "pretrain: test_acc=0.0 test_loss=0.4 on the finetune task's test set; "
+        "source_test_acc=0.9 on its own task's"
+    )

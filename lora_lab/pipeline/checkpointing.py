@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lora_lab._atomic import atomic_write_text
 from lora_lab.pipeline.console import say
-from lora_lab.pipeline.resume import resume_checkpoint
+from lora_lab.pipeline.resume import IDENTITY_FILE, resume_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def resume_point(run_dir: Path, identity: str, name: str) -> tuple[Path | None, 
     marker that the next attempt checks; an unreadable checkpoint is removed, with a warning.
     """
     resume_from = resume_checkpoint(run_dir, identity)
-    atomic_write_text(run_dir / "identity.txt", identity + "\n")
+    atomic_write_text(run_dir / IDENTITY_FILE, identity + "\n")
     if resume_from is None:
         return None, 0
     epoch = _checkpoint_epoch(resume_from)

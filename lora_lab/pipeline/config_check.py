@@ -200,8 +200,7 @@ def _fail(key: str, value: Any, allowed: str) -> ConfigError:
     return ConfigError(f"{key}={value!r} is not allowed: it must be {allowed}")
 
 
-def _check_value(key: str, value: Any, hint: Any, rng: Range | None) -> None:
-    listed = isinstance(value, (list, tuple))
+def _check_type(key: str, value: Any, hint: Any, rng: Range | None) -> None:
     if not conforms(value, hint):
         if rng is not None:
             allowed = f"a list, each {rng[0]}" if describe(hint).startswith("a list") else rng[0]
@@ -209,15 +208,29 @@ def _check_value(key: str, value: Any, hint: Any, rng: Range | None) -> None:
         else:
             allowed = describe(hint)
         raise _fail(key, value, allowed)
-    if rng is None or value is None:
+
+
+def _check_range(key: str, value: Any, rng: Range) -> None:
+    """A number (or each number of a list) within `rng`; a range holds numbers only, so any
+    other value is out of it. Null passes: whether a key may be null is its type's say."""
+    if value is None:
         return
+    listed = isinstance(value, (list, tuple))
     for item in value if listed else [value]:
-        if isinstance(item, (int, float)) and not isinstance(item, bool) and not rng[1](item):
-            if listed:
-                raise ConfigError(
-                    f"{key}={value!r} is not allowed: it holds {item!r}, and each must be {rng[0]}"
-                )
-            raise _fail(key, value, rng[0])
+        number = isinstance(item, (int, float)) and not isinstance(item, bool)
+        if number and rng[1](item):
+            continue
+        if listed:
+            raise ConfigError(
+                f"{key}={value!r} is not allowed: it holds {item!r}, and each must be {rng[0]}"
+            )
+        raise _fail(key, value, rng[0])
+
+
+def _check_value(key: str, value: Any, hint: Any, rng: Range | None) -> None:
+    _check_type(key, value, hint, rng)
+    if rng is not None:
+        _check_range(key, value, rng)
 
 
 def _check_dataclass(schema: type, node: Mapping[str, Any], prefix: str) -> None:
@@ -276,8 +289,8 @@ def _check_target(node: Mapping[str, Any], path: str, name_of: Callable[[str], s
             for index, item in enumerate(value):  # e.g. trainer.callbacks
                 if isinstance(item, Mapping) and "_target_" in item:
                     _check_target(item, f"{child}[{index}]", name_of)
-        elif key in typed:
-            _check_value(name_of(child), value, typed[key], RANGES.get(child))
+        elif key in typed:  # (the ranges in RANGES are checked with the plain values)
+            _check_type(name_of(child), value, typed[key], RANGES.get(child))
         elif not takes_kwargs:
             allowed = ", ".join(sorted(typed))
             raise ConfigError(
@@ -303,11 +316,37 @@ def _namer(cfg: DictConfig, stage: str) -> Callable[[str], str]:
 
 
 def check_config(cfg: DictConfig, stages: Sequence[str] = STAGES) -> None:
-    """Check every user-settable key of a composed config against the declared schema.
+    """Check every user-settable key of a composed config against the declared schema: its
+    plain values (`check_values`), then the arguments of its `_target_` nodes
+    (`check_targets`).
 
     Args:
         cfg: The composed config.
         stages: The stages whose merged configs are checked (`lora-lab train` checks one).
+
+    Raises:
+        ConfigError: one line naming the first bad key, its value and what is allowed.
+    """
+    check_values(cfg, stages)
+    check_targets(cfg, stages)
+
+
+def _stage_nodes(cfg: DictConfig, stage: str) -> dict[str, Any]:
+    """A stage's merged config as plain values (run_dir and run_id, filled in per run and
+    read by the loggers' save_dir, as placeholders)."""
+    placeholders = {"run_dir": "<run_dir>", "run_id": "<run_id>"}
+    merged = OmegaConf.to_container(
+        OmegaConf.merge(stage_config(cfg, stage), placeholders), resolve=True
+    )
+    assert isinstance(merged, dict)
+    return merged
+
+
+def check_values(cfg: DictConfig, stages: Sequence[str] = STAGES) -> None:
+    """The checks that need no imports: our own nodes (the top level, `sweep`, `report`,
+    `stages.*`, `lora`) against their schemas and LoRAConfig's own checks, and the ranges of
+    the `_target_` arguments in `RANGES` for each of `stages`. The command line runs them
+    before torch is imported.
 
     Raises:
         ConfigError: one line naming the first bad key, its value and what is allowed.
@@ -326,22 +365,34 @@ def check_config(cfg: DictConfig, stages: Sequence[str] = STAGES) -> None:
     except (TypeError, ValueError) as error:
         raise ConfigError(f"lora.{error}") from None
     for stage in stages:
-        # run_dir / run_id are filled in per run (the loggers' save_dir reads them).
-        placeholders = {"run_dir": "<run_dir>", "run_id": "<run_id>"}
-        merged = OmegaConf.to_container(
-            OmegaConf.merge(stage_config(cfg, stage), placeholders), resolve=True
-        )
-        assert isinstance(merged, dict)
-        name_of = _namer(cfg, stage)
-        for group in ("data", "model", "module", "trainer"):
-            if isinstance(merged.get(group), dict) and "_target_" in merged[group]:
-                _check_target(merged[group], group, name_of)
-        for name, node in (merged.get("logger") or {}).items():
-            if isinstance(node, dict) and "_target_" in node:
-                _check_target(node, f"logger.{name}", name_of)
+        merged, name_of = _stage_nodes(cfg, stage), _namer(cfg, stage)
+        for key, rng in RANGES.items():
+            group, *path = key.split(".")
+            node = merged.get(group)
+            for part in path[:-1]:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict) and path[-1] in node:
+                _check_range(name_of(key), node[path[-1]], rng)
         if merged["trainer"].get("max_epochs") is None:
             raise _fail(
                 name_of("trainer.max_epochs"),
                 None,
                 "an integer ≥ 1: every stage trains for a set number of epochs",
             )
+
+
+def check_targets(cfg: DictConfig, stages: Sequence[str] = STAGES) -> None:
+    """Check the arguments of each stage's `_target_` nodes (`data`, `model`, `module`,
+    `trainer`, the loggers) against the signatures of what they name, which imports it.
+
+    Raises:
+        ConfigError: one line naming the first bad key, its value and what is allowed.
+    """
+    for stage in stages:
+        merged, name_of = _stage_nodes(cfg, stage), _namer(cfg, stage)
+        for group in ("data", "model", "module", "trainer"):
+            if isinstance(merged.get(group), dict) and "_target_" in merged[group]:
+                _check_target(merged[group], group, name_of)
+        for name, node in (merged.get("logger") or {}).items():
+            if isinstance(node, dict) and "_target_" in node:
+                _check_target(node, f"logger.{name}", name_of)

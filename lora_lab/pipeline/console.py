@@ -5,7 +5,9 @@ terminal (a log file, a pipe, a batch job)."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -96,13 +98,57 @@ class EpochLine(Callback):
         self.pending = None
 
 
+def process_started() -> float | None:
+    """When this process started, as a `time.time()` value, from Linux's /proc (None where
+    there is no /proc)."""
+    try:
+        # Field 22 of /proc/self/stat: the start time in clock ticks after boot; the fields
+        # after the command's name (in parentheses, which may hold spaces) begin at field 3.
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+
+
+class FirstStep(Callback):
+    """Says when the process's first training step starts, counted from the process's start:
+    the start-up a user waits through (imports, preflight, building the first run).
+
+    Args:
+        started: When the process started (`process_started`).
+    """
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.done = False
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.done or not trainer.is_global_zero:
+            return
+        self.done = True
+        seconds = time.time() - self.started
+        say(f"    start-up: first training step {seconds:.1f} s after the process started")
+
+
+_first_step: list[FirstStep] = []  # the process's one FirstStep, once a Trainer has it
+
+
 def progress_options(trainer_cfg: DictConfig, label: str) -> tuple[dict[str, Any], list[Callback]]:
     """Trainer keyword arguments and callbacks for showing progress.
 
     Lightning's bar where stderr is a terminal and the config enables it; otherwise the bar is
-    off and, if the config wanted one, an `EpochLine` says each epoch once.
+    off and, if the config wanted one, an `EpochLine` says each epoch once. The process's
+    first Trainer also gets a `FirstStep`.
     """
+    callbacks: list[Callback] = []
+    started = process_started()
+    if not _first_step and started is not None:
+        _first_step.append(FirstStep(started))
+        callbacks.append(_first_step[0])
     wanted = bool(trainer_cfg.get("enable_progress_bar", True))
     if not wanted or sys.stderr.isatty():
-        return {}, []
-    return {"enable_progress_bar": False}, [EpochLine(label)]
+        return {}, callbacks
+    return {"enable_progress_bar": False}, [*callbacks, EpochLine(label)]

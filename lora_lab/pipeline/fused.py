@@ -6,17 +6,20 @@ Each member is built exactly as `run_stage` builds it (seeded by its run's seed)
 dropout off a fused adapter equals its sequential one up to float rounding.
 
 A group is one training pass, named `fused_<hash>` in the `pass` column of its rows. The pass
-saves `passes/<pass>/last.ckpt` at every epoch end; an interrupted pass resumes from it.
+saves `passes/<pass>/last.ckpt` at every epoch end; an interrupted pass resumes from it,
+and a finished one removes its folder.
 Outputs are those of a sequential sweep: per run `runs/<run_id>/result.json`,
 `runs/<run_id>/logs/metrics.csv` from the run's configured loggers, and its adapter.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import itertools
 import logging
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,9 +52,7 @@ from lora_lab.pipeline.record import (
     finished_result,
     record,
     tested_fields,
-    write_results_csv,
 )
-from lora_lab.pipeline.resume import CHECKPOINT_FILE
 from lora_lab.pipeline.run_config import adapter_name_for, run_id_for
 from lora_lab.pipeline.threads import ThreadBudget
 from lora_lab.results import RunResult
@@ -65,9 +66,21 @@ def _say(message: str) -> None:
 
 
 def run_fused(
-    runs: Sequence[PlannedRun], study_dir: Path, pretrained: Path, env: dict[str, Any]
+    runs: Sequence[PlannedRun],
+    study_dir: Path,
+    pretrained: Path,
+    env: dict[str, Any],
+    progress: Progress | None = None,
 ) -> tuple[list[RunResult], list[PlannedRun]]:
     """Train every fusable group of `runs`; say in one line why any other run is not fused.
+
+    Args:
+        runs: The LoRA runs to train.
+        study_dir: The study folder.
+        pretrained: The pretrain checkpoint the runs start from.
+        env: The environment recorded with each result.
+        progress: The study's progress, told as each pass starts and ends (and which runs
+            it finished); None: each pass is said alone.
 
     Returns:
         The result rows of the fused runs (already recorded), and the runs left to run
@@ -82,15 +95,25 @@ def run_fused(
     results: list[RunResult] = []
     sequential = [run for run, _ in alone]
     for group in groups:
-        _say(f"fused: {describe(group)}: {len(group)} runs train in one pass")
+        what = f"fused: {describe(group)}: {len(group)} runs train in one pass"
+        if progress is None:
+            _say(what)
+        else:
+            progress.begin_pass(group, what)
         try:
-            results += run_fused_group(group, study_dir, pretrained, env)
+            done = run_fused_group(group, study_dir, pretrained, env)
         except Exception as error:  # never lose the runs: they go the sequential way
             # the last line: a spawned worker's error carries its whole traceback
             lines = [line.strip() for line in str(error).splitlines() if line.strip()]
             text = lines[-1] if lines else type(error).__name__
             _say(f"not fused: {describe(group)}: {text}; they run one after another")
             sequential += group
+            if progress is not None:
+                progress.pass_failed(group)
+            continue
+        results += done
+        if progress is not None:
+            progress.end_pass(group, done)
     order = {id(run): index for index, run in enumerate(runs)}
     return results, sorted(sequential, key=lambda run: order[id(run)])
 
@@ -110,13 +133,9 @@ def train_fused(
         The positions of the runs left to run on their own, in plan order.
     """
     runs = progress.runs
-    results, alone = run_fused([runs[i] for i in indices], progress.study_dir, pretrained, env)
-    position = {runs[i].run_id: i for i in indices}
-    for result in results:
-        progress.end(position[result.run_id], result, write_table=False)
-    if results:
-        write_results_csv(progress.study_dir)
-    return [position[run.run_id] for run in alone]
+    _, alone = run_fused([runs[i] for i in indices], progress.study_dir, pretrained, env, progress)
+    position = {id(runs[i]): i for i in indices}
+    return [position[id(run)] for run in alone]
 
 
 @dataclass
@@ -235,8 +254,15 @@ def run_fused_group(
     ]
     for member, result in zip(members, results, strict=True):
         record(member.run.cfg, study_dir, result, env)  # as `execute` records it
-    (pass_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # every row is on disk now
+    remove_pass(pass_dir)  # every row is on disk now
     return results
+
+
+def remove_pass(pass_dir: Path) -> None:
+    """Remove a pass's resume folder (its checkpoint and identity), and `passes/` once empty."""
+    shutil.rmtree(pass_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):  # other passes' folders are still there
+        pass_dir.parent.rmdir()
 
 
 def _finish(

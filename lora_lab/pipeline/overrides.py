@@ -7,6 +7,9 @@ sweep's own axes (`sweep.ranks`, `sweep.alphas`, `sweep.learning_rates`, `sweep.
 each LoRA run's rank, alpha, lr and seed. Experiments set shared values at the top level and
 use `stages.*` only where the stages really differ, so a plain `trainer.max_epochs=1` reaches
 every stage; where a config file's stage setting does win, these notes name both keys.
+
+Also the overrides Hydra is handed: each job's under `-m` (`multirun_jobs`), and the output
+folder the command line's preflight checked (`pinned_output_dir`).
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from lora_lab.pipeline.run_config import STAGES
@@ -110,3 +115,33 @@ def shadowed_overrides(cfg: DictConfig, overrides: Sequence[str], command: str) 
         if why is not None:
             notes.append(f"{text} does not reach the LoRA runs: {why}")
     return notes
+
+
+def multirun_jobs(overrides: Sequence[str]) -> list[list[str]] | None:
+    """The overrides of each job of a `-m` sweep, as Hydra's basic sweeper splits them (None
+    under another sweeper, which decides its jobs as it goes).
+
+    Raises:
+        ValueError: in one line, for overrides Hydra cannot parse.
+    """
+    if any(arg.lstrip("+~").startswith(("hydra/sweeper=", "hydra.sweeper.")) for arg in overrides):
+        return None
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+        (batch,) = BasicSweeper.split_arguments(parsed, None)
+    except HydraException as error:
+        raise ValueError(" ".join(str(error).split())) from None
+    return batch
+
+
+def pinned_output_dir(cfg: DictConfig | None, overrides: Sequence[str]) -> list[str]:
+    """`output_dir=<the folder of cfg>` for Hydra, where the config computes the folder (the
+    default `outputs/${name}_${now:…}`): Hydra composes the config again, and its `now` may
+    name another folder than the one the preflight checked. Empty where the command line sets
+    `output_dir`, for no config (`-m`), and for a folder name an override cannot carry."""
+    if cfg is None or any(o.lstrip("+~").startswith("output_dir=") for o in overrides):
+        return []
+    folder = str(cfg.output_dir)
+    if "$" in folder or "\\" in folder:
+        return []
+    return ["output_dir='" + folder.replace("'", "\\'") + "'"]

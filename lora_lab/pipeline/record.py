@@ -22,7 +22,7 @@ from lora_lab.lora import count_parameters, lora_delta_weight, lora_layers
 from lora_lab.models import TaskModule, read_weights
 from lora_lab.pipeline.methods import method_of
 from lora_lab.pipeline.plan import PlannedRun
-from lora_lab.pipeline.resume import CHECKPOINT_FILE
+from lora_lab.pipeline.resume import CHECKPOINT_FILE, IDENTITY_FILE
 from lora_lab.report.selection import selected_mask
 from lora_lab.results import RESULTS_CSV, RunResult, find_results, results_frame, write_result
 
@@ -154,11 +154,13 @@ def failed_result(run: PlannedRun, error: BaseException, pass_id: str = "") -> R
 
 def record(run_cfg: DictConfig, study_dir: Path, result: RunResult, env: dict[str, Any]) -> None:
     """Write a run's `result.json` (with its resolved config and environment). A finished
-    run's resume checkpoint has done its job once the result is on disk: it is removed."""
+    run's resume checkpoint and its identity marker have done their job once the result is on
+    disk (which holds the identity too): they are removed."""
     config = OmegaConf.to_container(run_cfg, resolve=True)
     write_result(study_dir / result.run_dir, result.to_record(config=config, environment=env))
     if result.ok:
         (study_dir / result.run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+        (study_dir / result.run_dir / IDENTITY_FILE).unlink(missing_ok=True)
 
 
 def write_results_csv(root: str | Path) -> tuple[pd.DataFrame, list[str]]:

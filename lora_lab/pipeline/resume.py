@@ -24,6 +24,8 @@ from lora_lab.results import RESULT_FILE, RESULTS_CSV, SET_ASIDE, read_result
 
 STUDY_FILE = "study.json"
 CHECKPOINT_FILE = "last.ckpt"
+# Beside it: the identity of the run (or pass) the checkpoint belongs to.
+IDENTITY_FILE = "identity.txt"
 
 # Keys that change how a run is shown or where it is written, never what it computes.
 _COSMETIC = {
@@ -113,7 +115,7 @@ def describe_previous(run_dir: Path) -> str | None:
 def resume_checkpoint(run_dir: Path, identity: str) -> Path | None:
     """The run's `last.ckpt` when it belongs to this identity (else it is stale: removed)."""
     checkpoint = run_dir / CHECKPOINT_FILE
-    marker = run_dir / "identity.txt"
+    marker = run_dir / IDENTITY_FILE
     if not checkpoint.is_file():
         return None
     if marker.is_file() and marker.read_text().strip() == identity:

@@ -12,6 +12,8 @@ pool (`parallel`); what is written is the same.
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +23,11 @@ from lora_lab._atomic import atomic_write_text
 from lora_lab.pipeline.builders import devices_of
 from lora_lab.pipeline.console import say
 from lora_lab.pipeline.environment import environment
-from lora_lab.pipeline.fused import train_fused
+from lora_lab.pipeline.fused import PASSES, train_fused
+from lora_lab.pipeline.fusion import fusable
 from lora_lab.pipeline.parallel import run_pooled
 from lora_lab.pipeline.plan import PlannedRun, plan, sweep_jobs
+from lora_lab.pipeline.preflight import check_study
 from lora_lab.pipeline.progress import Progress
 from lora_lab.pipeline.record import write_results_csv
 from lora_lab.pipeline.resume import STUDY_FILE, check_study_dir, set_aside, study_config
@@ -34,20 +38,37 @@ from lora_lab.report import write_report
 PRETRAINED = Path("checkpoints") / "pretrain.safetensors"
 
 
-def run_sweep(cfg: DictConfig, study_dir: Path, command: str = "lora-lab sweep") -> dict[str, Any]:
+def run_sweep(
+    cfg: DictConfig,
+    study_dir: Path,
+    command: str = "lora-lab sweep",
+    runs: Sequence[PlannedRun] | None = None,
+) -> dict[str, Any]:
     """Run the whole study into `study_dir`, skipping runs finished earlier.
+
+    Args:
+        cfg: The composed study config.
+        study_dir: The study folder.
+        command: The command line, recorded in `study.json`.
+        runs: The plan of this very config, checked by `preflight.check_study` already (the
+            command line's preflight), so that nothing is planned or built twice; None: it is
+            planned and checked here.
 
     Returns:
         `{"results": DataFrame, "failed": [run ids], "skipped": [run ids]}`.
     """
-    runs = plan(cfg)  # every run, its config, identity and name; every input checked
+    if runs is None:
+        runs = plan(cfg)  # every run, its config, identity and name; every plain value checked
+        check_study(cfg, runs)  # and what only built objects can check
     say_devices(runs)
     env = open_study(cfg, study_dir, command)
-    progress = Progress(runs, study_dir)
+    progress = Progress(runs, study_dir, sweep_jobs(cfg))
     todo = progress.skip_finished()
     pretrain = [i for i in todo if runs[i].stage == "pretrain"]
     others = [i for i in todo if runs[i].stage == "full_finetune"]
     lora = [i for i in todo if runs[i].stage == "lora"]
+    if cfg.sweep.get("fused", False):  # the time left counts these runs as passes
+        progress.expect_passes(fusable([runs[i] for i in lora])[0])
 
     run_sequential(pretrain, progress, env, target_data=stage_config(cfg, "lora").data)
     if "pretrain" in progress.failed:
@@ -64,6 +85,8 @@ def run_sweep(cfg: DictConfig, study_dir: Path, command: str = "lora-lab sweep")
         else:
             run_pooled(others + lora, progress, env, jobs, pretrained)
 
+    if not progress.failed:  # a pass that failed left its folder; its runs went on their own
+        shutil.rmtree(study_dir / PASSES, ignore_errors=True)
     frame, _ = write_results_csv(study_dir)
     write_report(study_dir)
     if progress.skipped:

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from lora_lab.models import load_network_weights
 from lora_lab.pipeline.config_check import check_config
 from lora_lab.pipeline.environment import environment
-from lora_lab.pipeline.plan import check_builds, check_data, check_lora
+from lora_lab.pipeline.preflight import check_builds, check_data, check_lora
 from lora_lab.pipeline.record import record, write_results_csv
 from lora_lab.pipeline.run_config import stage_config
 from lora_lab.pipeline.sequential import StageRun, run_stage

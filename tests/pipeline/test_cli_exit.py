@@ -1,4 +1,5 @@
-"""The console script's quick exit (`lora_lab.cli.run`) keeps what a normal exit gives."""
+"""The console script's quick exit (`lora_lab.cli.run`) keeps what a normal exit gives, and
+the commands that need no model answer without importing torch or Lightning."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -61,3 +64,41 @@ def test_module_entry_point_bad_input_is_one_line_and_exit_2(tmp_path):
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("lora-lab: error:")
     assert str(tmp_path / "missing") in done.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["sweep", "--help"],
+        ["sweep", "--cfg", "job"],
+        ["sweep", "sweep.ranks=[0]"],
+        ["sweep", "trainer.max_epochs=-1"],
+        ["sweep", "trainer.max_epochs=abc"],
+        ["sweep", "seed=abc"],
+        ["sweep", "lora.rank=0"],
+        ["train", "stage=lora", "module.optimizer.lr=-1"],
+    ],
+    ids=lambda args: " ".join(args),
+)
+def test_commands_that_need_no_model_answer_without_torch(args: list[str], tmp_path: Path):
+    """Help, the composed config and a refused value need neither torch nor Lightning: the
+    command line imports them only where training starts."""
+    code = (
+        "import sys; from lora_lab.cli import main; code = main(sys.argv[1:]); "
+        "loaded = sorted({'torch', 'lightning'} & set(sys.modules)); "
+        "print('loaded:', loaded, 'exit:', code, file=sys.stderr)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args, f"output_dir={tmp_path / 'study'}"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    last = done.stderr.strip().splitlines()[-1]
+    expected = 0 if any(a.startswith("-") for a in args) else 2
+    assert last == f"loaded: [] exit: {expected}", done.stderr[-2000:]
+    if expected == 2:  # the refusal is one line
+        assert done.stderr.count("\n") == 2 and done.stderr.startswith("lora-lab: error:")
+    assert not (tmp_path / "study").exists()

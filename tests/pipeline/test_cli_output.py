@@ -4,6 +4,7 @@ files colleagues can read."""
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -11,9 +12,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 
 from lora_lab.cli import main
-from lora_lab.pipeline.overrides import shadowed_overrides
+from lora_lab.pipeline import plan as plan_module
+from lora_lab.pipeline import preflight as preflight_module
+from lora_lab.pipeline import sweep as sweep_module
+from lora_lab.pipeline.overrides import pinned_output_dir, shadowed_overrides
 from tests.pipeline.study_config import composed, tiny_study_overrides
 
 
@@ -57,6 +63,37 @@ def test_sweep_axes_shadow_their_keys():
     assert shadowed_overrides(composed("lora.rank=4"), ["lora.rank=4"], "train") == []
 
 
+def test_the_folder_the_preflight_checked_is_the_one_hydra_is_given():
+    cfg = composed()  # output_dir: outputs/${name}_${now:…}, which Hydra would resolve again
+    (pin,) = pinned_output_dir(cfg, [])
+    (override,) = OverridesParser.create().parse_overrides([pin])
+    assert override.key_or_group == "output_dir" and override.value() == str(cfg.output_dir)
+    assert pinned_output_dir(cfg, ["output_dir=/tmp/mine"]) == []  # the user's own
+    (pin,) = pinned_output_dir(OmegaConf.merge(cfg, {"output_dir": "/tmp/it's here"}), [])
+    assert OverridesParser.create().parse_overrides([pin])[0].value() == "/tmp/it's here"
+
+
+def test_a_study_is_planned_and_built_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    calls: list[str] = []
+    plan, check_study = plan_module.plan, preflight_module.check_study
+
+    def counted_plan(cfg):
+        calls.append("plan")
+        return plan(cfg)
+
+    def counted_check(*args):
+        calls.append("check_study")
+        return check_study(*args)
+
+    for module in (plan_module, sweep_module):
+        monkeypatch.setattr(module, "plan", counted_plan)
+    for module in (preflight_module, sweep_module):
+        monkeypatch.setattr(module, "check_study", counted_check)
+    args = ["sweep", *tiny_study_overrides(tmp_path), f"output_dir={tmp_path / 'study'}"]
+    assert main([*args, "sweep.ranks=[1,2]"]) == 0
+    assert calls == ["plan", "check_study"]  # by the preflight; the study reuses its plan
+
+
 @pytest.fixture(scope="module")
 def logged_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """A tiny sweep run as a user runs it, stderr to a file (not a terminal), umask 022."""
@@ -88,6 +125,49 @@ def test_progress_and_summary_reach_the_log_file(logged_study):
         "study written to",
     ):
         assert line in log
+
+
+def test_the_counter_counts_every_run_fused_passes_included(logged_study):
+    out, stderr = logged_study
+    counters = re.findall(r"^\[([\d-]+)/(\d+)\] (.*) … eta (\S+)$", stderr, re.MULTILINE)
+    assert [(count, total) for count, total, _, _ in counters] == [
+        ("1", "4"),
+        ("2", "4"),
+        ("3-4", "4"),  # the two LoRA runs, in one fused pass
+    ]
+    assert counters[2][2] == "fused: lora ranks 1,2 seed 0: 2 runs train in one pass"
+    assert counters[0][3] == "?" and all(eta != "?" for *_, eta in counters[1:])
+    assert "[3-4/4] fused" in (out / "lora-lab.log").read_text()
+
+
+def test_a_finished_fused_study_leaves_no_resume_files(logged_study):
+    out, _ = logged_study
+    assert pd.read_csv(out / "results.csv")["pass"].str.startswith("fused_").sum() == 2
+    assert not (out / "passes").exists()
+    assert [p for p in out.rglob("*") if p.name in ("identity.txt", "last.ckpt")] == []
+
+
+def test_the_log_says_when_the_first_training_step_began(logged_study):
+    out, _ = logged_study
+    (line,) = [
+        line for line in (out / "lora-lab.log").read_text().splitlines() if "start-up" in line
+    ]
+    seconds = float(re.search(r"first training step ([\d.]+) s after the process started", line)[1])
+    assert 0 < seconds < 300  # the fixture's own time limit
+
+
+def test_train_prints_its_figures_as_results_csv_has_them(tmp_path: Path, capsys):
+    out = tmp_path / "base"
+    args = ["train", "stage=pretrain", *tiny_study_overrides(tmp_path), f"output_dir={out}"]
+    assert main(args) == 0
+    (line,) = [
+        line for line in capsys.readouterr().err.splitlines() if line.startswith("pretrain:")
+    ]
+    row = pd.read_csv(out / "results.csv").iloc[0]
+    assert line == (
+        f"pretrain: test_acc={row.test_acc} test_loss={row.test_loss} on the finetune task's "
+        f"test set; source_test_acc={row.source_test_acc} on its own task's → {out}"
+    )
 
 
 def test_no_per_batch_bar_when_stderr_is_not_a_terminal(logged_study):

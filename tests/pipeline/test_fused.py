@@ -4,7 +4,6 @@ and dropout masks, outputs look like a sequential sweep's, and unfusable runs sa
 from __future__ import annotations
 
 import copy
-import importlib
 import logging
 import math
 from pathlib import Path
@@ -324,13 +323,9 @@ def test_a_rank_alpha_lr_grid_trains_exactly_as_sequential_runs(tmp_path: Path):
     [["trainer=gpu"], ["trainer.precision=bf16-mixed"], ["trainer=gpu", "trainer.precision=bf16"]],
     ids=["gpu", "bf16-mixed", "gpu-bf16"],
 )
-def test_the_planner_fuses_on_any_accelerator_and_precision(
-    tmp_path: Path, overrides: list[str], monkeypatch: pytest.MonkeyPatch
-):
+def test_the_planner_fuses_on_any_accelerator_and_precision(tmp_path: Path, overrides: list[str]):
     # This machine has no GPU, so the preflight's Trainer build would refuse trainer=gpu (as it
-    # should for a real run); what is under test here is the grouping.
-    plan_module = importlib.import_module("lora_lab.pipeline.plan")  # the module, not plan()
-    monkeypatch.setattr(plan_module, "check_builds", lambda *args: None)
+    # should for a real run); the plan builds nothing, and what is under test is the grouping.
     runs = lora_runs(composed_in(tmp_path, "sweep.ranks=[1,2,4]", *overrides))
     assert fusion.fusable(runs) == ([runs], [])
 

@@ -15,9 +15,9 @@ import torch
 from omegaconf import OmegaConf
 
 from lora_lab.cli import main
-from lora_lab.pipeline import stage_config
 from lora_lab.pipeline.parallel import _init_worker, gpu_slices, run_in_pool, threads_per_job
 from lora_lab.pipeline.plan import PlannedRun
+from lora_lab.pipeline.run_config import stage_config
 from lora_lab.pipeline.threads import POOL_ENV
 from tests.pipeline.study_config import composed
 

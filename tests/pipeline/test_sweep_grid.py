@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from lora_lab.cli import main
-from lora_lab.pipeline import plan
-from lora_lab.pipeline.plan import PlannedRun
+from lora_lab.pipeline.plan import PlannedRun, plan
 from tests.pipeline.study_config import composed
 
 
