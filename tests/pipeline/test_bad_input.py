@@ -203,9 +203,10 @@ def test_a_cluster_launcher_builds_its_trainers_where_the_jobs_run(
 ):
     # trainer=gpu from a login node without a GPU: the jobs run on GPU nodes.
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    from lora_lab.cli import _hydra_args, _preflight
+    from lora_lab.cli.checks import preflight
+    from lora_lab.cli.compose import hydra_args
 
     args = ["-m", "hydra/launcher=slurm", "trainer=gpu", "stage=pretrain", "seed=0,1"]
     args += [*tiny_overrides, f"output_dir={tmp_path / 'multi'}"]
-    assert _preflight("train", _hydra_args(args)).notes == []
+    assert preflight("train", hydra_args(args)).notes == []
     assert not (tmp_path / "multi").exists()

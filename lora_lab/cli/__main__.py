@@ -1,0 +1,5 @@
+"""`python -m lora_lab.cli`: the console script."""
+
+from lora_lab.cli import run
+
+run()
