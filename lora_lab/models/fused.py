@@ -67,10 +67,12 @@ class FusedLoRAModule(L.LightningModule):
         # Buffers, so a checkpoint (and a spawned DDP worker's returned weights) carry them.
         self.register_buffer("active", torch.ones(len(members), dtype=torch.bool))
         self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
+        # Per member, the (epoch, batch) where its loss first went non-finite, (-1, -1) while
+        # it trains: a buffer, so a spawned DDP worker's failures reach the parent too.
+        self.register_buffer("failed_at", torch.full((len(members), 2), -1, dtype=torch.long))
         # While training, the host's copy of `active` (read once a fit, after a resume has
         # restored the buffer, so that a step does not read the device); None: read the buffer.
         self._active_host: list[bool] | None = None
-        self.errors: list[str | None] = [None] * len(members)
         self.grouped = group_networks([m.network for m in members])
         self._grouped_for = list(range(len(members)))
         self.has_accuracy = members[0].has_accuracy  # the members share one task
@@ -212,12 +214,19 @@ class FusedLoRAModule(L.LightningModule):
             if batch_idx >= 0 and self._active_host[k]:
                 self._active_host[k] = False
                 self.active[k] = False
-                self.errors[k] = (  # the message the sequential module raises with
-                    f"training loss is not finite at epoch {self.current_epoch} batch "
-                    f"{batch_idx}; try a lower learning rate"
-                )
+                self.failed_at[k, 0], self.failed_at[k, 1] = self.current_epoch, batch_idx
         if not any(self._active_host):
             self.trainer.should_stop = True
+
+    def member_error(self, k: int) -> str | None:
+        """Why member k stopped (where its loss first went non-finite), or None if it did not."""
+        epoch, batch_idx = self.failed_at[k].tolist()
+        if batch_idx < 0:
+            return None
+        return (
+            f"training loss is not finite at epoch {epoch} batch {batch_idx}; "
+            "try a lower learning rate"
+        )
 
     def on_train_end(self) -> None:
         self._active_host = None  # from here on, `indices` reads the buffer
@@ -299,8 +308,7 @@ class FusedLoRAModule(L.LightningModule):
         self._load_scheduler_states()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        save_rng_state(checkpoint)
-        checkpoint["member_errors"] = list(self.errors)
+        save_rng_state(checkpoint, self.device)
         checkpoint["member_schedulers"] = [
             s.state_dict() if s is not None else None for s in self._schedulers
         ]
@@ -308,8 +316,9 @@ class FusedLoRAModule(L.LightningModule):
         checkpoint["member_val_metrics"] = dict(self.val_metrics)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        restore_rng_state(checkpoint)
-        self.errors = list(checkpoint.get("member_errors", self.errors))
+        restore_rng_state(checkpoint, self.device)
+        # A pass checkpointed before `failed_at` existed: its members had not failed.
+        checkpoint["state_dict"].setdefault("failed_at", torch.full_like(self.failed_at, -1))
         self.val_metrics = dict(checkpoint.get("member_val_metrics", {}))
         # Lightning calls configure_optimizers after this hook: it loads them.
         self._scheduler_states = list(checkpoint.get("member_schedulers", []))

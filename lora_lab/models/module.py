@@ -37,26 +37,29 @@ def sum_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def save_rng_state(checkpoint: dict[str, Any]) -> None:
+def save_rng_state(checkpoint: dict[str, Any], device: torch.device) -> None:
     """Keep the random generators' states in a checkpoint.
 
-    Dropout draws from torch's global generator, and on a GPU from the CUDA generators: with
-    their states, a resumed run draws the same masks as an uninterrupted one (the data order
-    is fixed by seed and epoch).
+    Dropout draws from torch's global generator, and on a GPU from the generator of the
+    module's own device: with their states, a resumed run draws the same masks as an
+    uninterrupted one (the data order is fixed by seed and epoch). Only the module's device is
+    kept: under DDP every process seeds alike and draws alike on its own device, so rank 0's
+    device state is every rank's, while the other devices rank 0 can see were never drawn from.
     """
     checkpoint["torch_rng_state"] = torch.get_rng_state()
-    if torch.cuda.is_initialized():
-        checkpoint["cuda_rng_state"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        checkpoint["cuda_rng_state"] = torch.cuda.get_rng_state(device)
 
 
-def restore_rng_state(checkpoint: dict[str, Any]) -> None:
-    """Give the random generators the states `save_rng_state` kept (those present)."""
+def restore_rng_state(checkpoint: dict[str, Any], device: torch.device) -> None:
+    """Give the random generators the states `save_rng_state` kept (those present); the CUDA
+    state goes to the module's own device."""
     state = checkpoint.get("torch_rng_state")
     if state is not None:
         torch.set_rng_state(state)
     cuda_state = checkpoint.get("cuda_rng_state")
-    if cuda_state is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_state)
+    if isinstance(cuda_state, torch.Tensor) and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda_state, device)
 
 
 class TaskModule(L.LightningModule, ABC):
@@ -204,10 +207,10 @@ class TaskModule(L.LightningModule, ABC):
         self._eval_step(batch, "test")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        save_rng_state(checkpoint)
+        save_rng_state(checkpoint, self.device)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        restore_rng_state(checkpoint)
+        restore_rng_state(checkpoint, self.device)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters the optimizer updates: every parameter that requires grad."""

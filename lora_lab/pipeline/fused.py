@@ -281,7 +281,7 @@ def _finish(
     finalised."""
     tested = module.test_metrics.get(k)
     if tested is None:
-        error = FloatingPointError(module.errors[k] or "training loss is not finite")
+        error = FloatingPointError(module.member_error(k) or "training loss is not finite")
         for logger in member.loggers:
             logger.finalize("failed")
         result = failed_result(member.run, error, pass_id)

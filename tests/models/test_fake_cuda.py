@@ -106,9 +106,10 @@ def test_every_lora_method_is_covered():
 def test_a_task_module_trains_validates_and_tests_on_the_device(name: str):
     build, shape, classes = MODULES[name]
     module = build()
-    optimizer = module.configure_optimizers()
     with fake_cuda():
         to_fake_cuda(module)
+        # After the move, as Lightning calls it: the optimizer holds the device's parameters.
+        optimizer = module.configure_optimizers()
         batch = cuda_batch(shape, classes)
         module.train()
         module.on_train_epoch_start()
@@ -119,6 +120,7 @@ def test_a_task_module_trains_validates_and_tests_on_the_device(name: str):
             optimizer.step()  # optimizer state is made on the parameters' device
             optimizer.zero_grad()
         assert on_cuda(loss, module._train_sums, module._bad_batch)
+        assert len(optimizer.state) == len(module.trainable_parameters())  # every one stepped
         assert all(on_cuda(t) for s in optimizer.state.values() for t in s.values() if t.dim())
         module.eval()
         module.validation_step(batch, 0)
@@ -180,12 +182,12 @@ def fused_members(network: Callable[[], torch.nn.Module], methods: list[str]) ->
 def test_the_fused_module_trains_validates_and_tests_on_the_device(network, shape):
     members = fused_members(network, ["default", "default", "rslora"])
     fused = FusedLoRAModule(members)
-    optimizers, _ = member_optimizers(members)
-    optimizer = optimizers if not isinstance(optimizers, list) else optimizers[0]
     fused.on_train_start()  # the once-per-fit read of which members train (host, before)
-    trainable = [p for m in members for p in lora_parameters(m.network)]
     with fake_cuda():
         to_fake_cuda(fused)
+        trainable = [p for m in members for p in lora_parameters(m.network)]
+        optimizers, _ = member_optimizers(members)  # after the move, as Lightning calls it
+        (optimizer,) = optimizers  # one shared optimizer: the members differ in their adapters
         batch = cuda_batch(shape, CLASSES)
         fused.train()
         fused.optimizers = lambda: optimizer  # type: ignore[method-assign]
@@ -194,6 +196,8 @@ def test_the_fused_module_trains_validates_and_tests_on_the_device(network, shap
         for step in range(2):
             fused.training_step(batch, step)  # a host read raises here
         assert on_cuda(fused._sums["train"], fused._bad_batch, fused.batches_seen)
+        assert len(optimizer.state) == len(trainable)  # every member's adapters stepped
+        assert all(on_cuda(t) for s in optimizer.state.values() for t in s.values() if t.dim())
         fused.eval()
         fused.on_validation_epoch_start = lambda: fused._start("val")  # type: ignore[method-assign]
         fused.on_validation_epoch_start()
