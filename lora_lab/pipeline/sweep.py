@@ -55,7 +55,8 @@ def run_sweep(
             planned and checked here.
 
     Returns:
-        `{"results": DataFrame, "failed": [run ids], "skipped": [run ids]}`.
+        `{"results": DataFrame, "failed": [run ids], "diverged": [run ids], "skipped":
+        [run ids]}`; a diverged run is a result, not a failure.
     """
     if runs is None:
         runs = plan(cfg)  # every run, its config, identity and name; every plain value checked
@@ -71,7 +72,7 @@ def run_sweep(
         progress.expect_passes(fusable([runs[i] for i in lora])[0])
 
     run_sequential(pretrain, progress, env, target_data=stage_config(cfg, "lora").data)
-    if "pretrain" in progress.failed:
+    if "pretrain" in progress.failed + progress.diverged:  # no weights to start from
         record_skipped(others + lora, progress, env, "the pretrain stage failed")
     else:
         pretrained, jobs = study_dir / PRETRAINED, sweep_jobs(cfg)
@@ -94,7 +95,17 @@ def run_sweep(
             f"{len(progress.skipped)} run(s) finished earlier were skipped "
             "(sweep.restart=true redoes them)"
         )
-    return {"results": frame, "failed": progress.failed, "skipped": progress.skipped}
+    if progress.diverged:  # a result, not a failure: the study still exits 0
+        say(
+            f"{len(progress.diverged)} run(s) diverged (status diverged in results.csv; never "
+            f"chosen, never averaged in): {', '.join(progress.diverged)}"
+        )
+    return {
+        "results": frame,
+        "failed": progress.failed,
+        "diverged": progress.diverged,
+        "skipped": progress.skipped,
+    }
 
 
 def say_devices(runs: list[PlannedRun]) -> None:
