@@ -47,9 +47,11 @@ _STUDY_FREE = {
     "sweep.fused",  # fused or not, a run's result is the same (see pipeline.fused)
     "sweep.methods",
     "sweep.learning_rates",
+    "sweep.lr_extend",
     "stages.full_finetune.learning_rates",
     "threads",
     "report.tolerance",
+    "report.max_seeds",
 }
 # What marks a folder as lora_lab's (a sweep's study.json, the runs of `lora-lab train`, Hydra's
 # record of a run or of a multirun): a non-empty folder with none of them is someone's own, which no study writes into.

@@ -20,6 +20,9 @@ import pandas as pd
 
 from lora_lab.results import diverged_mask, ok_mask
 
+#: The smallest grid whose end choice is a bound: two values bracket nothing (the pipeline
+#: extends such a choice's grid past its edge, `sweep.lr_extend`).
+EDGE_GRID = 2
 #: What a learning rate is chosen within: one curve point (seeds and learning rates vary).
 CONFIG_KEYS = ["stage", "method", "rank", "alpha"]
 
@@ -59,7 +62,7 @@ def _choose(group: pd.DataFrame) -> dict[str, object]:
         "learning_rate": chosen,
         "val_acc": means.get(chosen, math.nan),
         "grid": grid,
-        "at_edge": len(grid) >= 3 and chosen in (grid[0], grid[-1]),
+        "at_edge": len(grid) >= EDGE_GRID and chosen in (grid[0], grid[-1]),
         "ties": _tied_with(chosen, pool.dropna(subset=["val_acc"])),
         "diverged": len(diverged),
     }
@@ -75,7 +78,7 @@ def chosen_learning_rates(df: pd.DataFrame) -> pd.DataFrame:
         Columns ``stage, method, rank, alpha, learning_rate, val_acc, grid, at_edge, ties,
         diverged``; a configuration without validation accuracy (regression) keeps its only,
         or first, learning rate. ``at_edge`` is True when the choice is the grid's smallest or
-        largest value of a grid of three or more: a bound, not an optimum (the best may lie
+        largest value of a grid of two or more (`EDGE_GRID`): a bound, not an optimum (the best may lie
         outside the grid). ``ties`` lists the learning rates tied with the choice (see the
         module docstring), ``diverged`` counts the configuration's diverged runs.
     """
