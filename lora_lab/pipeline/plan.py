@@ -17,7 +17,6 @@ from lora_lab.pipeline.methods import lora_config_of, method_patch
 from lora_lab.pipeline.resume import run_identity
 from lora_lab.pipeline.run_config import adapter_name_for, run_id_for, stage_config
 
-
 #: `sweep.seeds=auto`, and the seeds 0 … AUTO_FIRST_SEEDS − 1 such a study starts with.
 AUTO = "auto"
 AUTO_FIRST_SEEDS = 3

@@ -27,7 +27,7 @@ EDGE_GRID = 2
 CONFIG_KEYS = ["stage", "method", "rank", "alpha"]
 
 
-def _keys(df: pd.DataFrame) -> pd.DataFrame:
+def config_keys(df: pd.DataFrame) -> pd.DataFrame:
     """The configuration keys as strings, so that NaN (no rank on full-finetune rows) groups."""
     return df[CONFIG_KEYS].map(str)  # (astype(str) keeps NaN as missing in pandas 3)
 
@@ -85,7 +85,7 @@ def chosen_learning_rates(df: pd.DataFrame) -> pd.DataFrame:
     trained = df[df["stage"].isin(["full_finetune", "lora"])]
     live = trained[ok_mask(trained) | diverged_mask(trained)]
     rows = []
-    keys = _keys(live)
+    keys = config_keys(live)
     for _key, group in live.groupby([keys[c] for c in CONFIG_KEYS], sort=False):
         if not ok_mask(group).any():
             continue  # every run diverged: nothing to choose
@@ -102,7 +102,7 @@ def selected_mask(df: pd.DataFrame) -> pd.Series:
     picked = set(
         zip(*[chosen[c].map(str) for c in CONFIG_KEYS], chosen["learning_rate"], strict=True)
     )
-    keys = zip(*[_keys(df)[c] for c in CONFIG_KEYS], df["learning_rate"], strict=True)
+    keys = zip(*[config_keys(df)[c] for c in CONFIG_KEYS], df["learning_rate"], strict=True)
     in_choice = pd.Series([key in picked for key in keys], index=df.index)
     return (df["stage"] == "pretrain") | (ok_mask(df) & in_choice)
 
@@ -114,7 +114,7 @@ def lr_tuned(df: pd.DataFrame) -> bool:
     done = done.dropna(subset=["val_acc"])
     if done.empty:
         return False
-    keys = _keys(done)
+    keys = config_keys(done)
     return bool(done.groupby([keys[c] for c in CONFIG_KEYS])["learning_rate"].nunique().max() > 1)
 
 
