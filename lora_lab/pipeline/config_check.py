@@ -50,8 +50,7 @@ def _bound(rng: Range) -> dict[str, Range]:
 @dataclass
 class SweepSchema:
     ranks: list[int] = field(metadata=_bound(AT_LEAST_1))
-    # "auto": seeds 0, 1, 2, then one more a round until the verdict is settled (`adaptive`)
-    seeds: list[int] | Literal["auto"] | None = None
+    seeds: list[int] | Literal["auto"] | None = None  # auto: rounds of seeds (`adaptive`)
     alphas: list[float] | None = field(default=None, metadata=_bound(POSITIVE))
     learning_rates: list[float] | None = field(default=None, metadata=_bound(POSITIVE))
     methods: list[str] | None = None

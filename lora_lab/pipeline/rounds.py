@@ -154,7 +154,9 @@ class SeedRound:
                 f"auto seeds: {listed} still unsettled after {self.seeds} seeds, the bound "
                 f"(report.max_seeds={self.max_seeds}); the report marks them unsettled"
             )
-        return f"auto seeds: {listed} unsettled after {self.seeds} seeds; adding seed {self.next_seed}"
+        return (
+            f"auto seeds: {listed} unsettled after {self.seeds} seeds; adding seed {self.next_seed}"
+        )
 
 
 def seed_round(
