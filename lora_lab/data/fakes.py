@@ -1,8 +1,10 @@
 """Small datasets written in the exact on-disk formats, for tests and offline demos.
 
 The files go through the same readers as the real ones, so code paths are exercised end to
-end without a download. Images are random; labels cycle through all 10 classes so every
-class subset is non-empty.
+end without a download. Labels cycle through all 10 classes so every class subset is
+non-empty; each image is its class's fixed random template blended with random noise, so a
+network learns the classes within a few steps (a study's runs then end above chance, which
+the pipeline requires of a run that did not diverge).
 """
 
 from __future__ import annotations
@@ -15,15 +17,22 @@ import torch
 from lora_lab.data.formats import write_cifar_batch, write_idx
 from lora_lab.data.specs import CIFAR10
 
+TEMPLATE_WEIGHT = 3  # quarters of each pixel that come from its class's template
+
 
 def _images_and_labels(
     count: int,
     shape: tuple[int, ...],
     generator: torch.Generator,
+    learnable: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    images = torch.randint(0, 256, (count, *shape), dtype=torch.uint8, generator=generator)
-    labels = torch.arange(count) % 10
-    return images, labels[torch.randperm(count, generator=generator)]
+    noise = torch.randint(0, 256, (count, *shape), dtype=torch.int64, generator=generator)
+    labels = (torch.arange(count) % 10)[torch.randperm(count, generator=generator)]
+    # The templates are drawn from a generator of their own: every split shares them.
+    templates = torch.randint(0, 256, (10, *shape), generator=torch.Generator().manual_seed(10))
+    weight = TEMPLATE_WEIGHT if learnable else 0  # 0: pure noise, accuracy stays at chance
+    images = (weight * templates[labels] + (4 - weight) * noise) // 4
+    return images.to(torch.uint8), labels
 
 
 def write_fake_mnist(
@@ -34,6 +43,7 @@ def write_fake_mnist(
     folder: str | None = None,
     gz: bool = True,
     seed: int = 0,
+    learnable: bool = True,
 ) -> Path:
     """Write the four IDX files of an MNIST-like dataset.
 
@@ -45,6 +55,7 @@ def write_fake_mnist(
             torchvision's ``<root>/<folder>/raw`` layout.
         gz: Gzip the files (as distributed) or write them raw.
         seed: Seed of the random pixels and label order.
+        learnable: Blend in the class templates; False: pure noise (no network beats chance).
 
     Returns:
         The folder holding the files.
@@ -54,7 +65,7 @@ def write_fake_mnist(
     generator = torch.Generator().manual_seed(seed)
     suffix = ".gz" if gz else ""
     for prefix, count in (("train", n_train), ("t10k", n_test)):
-        images, labels = _images_and_labels(count, (28, 28), generator)
+        images, labels = _images_and_labels(count, (28, 28), generator, learnable)
         write_idx(directory / f"{prefix}-images-idx3-ubyte{suffix}", images)
         write_idx(directory / f"{prefix}-labels-idx1-ubyte{suffix}", labels)
     return directory

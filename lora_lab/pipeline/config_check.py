@@ -50,13 +50,14 @@ def _bound(rng: Range) -> dict[str, Range]:
 @dataclass
 class SweepSchema:
     ranks: list[int] = field(metadata=_bound(AT_LEAST_1))
-    seeds: list[int] | None = None
+    seeds: list[int] | Literal["auto"] | None = None  # auto: rounds of seeds (`adaptive`)
     alphas: list[float] | None = field(default=None, metadata=_bound(POSITIVE))
     learning_rates: list[float] | None = field(default=None, metadata=_bound(POSITIVE))
     methods: list[str] | None = None
     jobs: int = field(default=1, metadata=_bound(AT_LEAST_1))
     fused: bool = True
     restart: bool = False
+    lr_extend: int = field(default=2, metadata=_bound(AT_LEAST_0))
 
 
 @dataclass
@@ -86,6 +87,7 @@ class ReportSchema:
     tolerance: float = field(
         default=0.01, metadata=_bound(("a number in [0, 1)", lambda v: 0 <= v < 1))
     )
+    max_seeds: int = field(default=10, metadata=_bound(("an integer ≥ 3", lambda v: v >= 3)))
 
 
 @dataclass

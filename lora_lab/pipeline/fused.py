@@ -18,7 +18,6 @@ import contextlib
 import copy
 import hashlib
 import itertools
-import logging
 import shutil
 import time
 from collections.abc import Sequence
@@ -54,6 +53,7 @@ from lora_lab.pipeline.record import (
     tested_fields,
 )
 from lora_lab.pipeline.run_config import adapter_name_for, run_id_for
+from lora_lab.pipeline.sequential import say_outcome
 from lora_lab.pipeline.threads import ThreadBudget
 from lora_lab.results import RunResult
 
@@ -201,8 +201,8 @@ def run_fused_group(
     record every run as `execute` does.
 
     Returns:
-        One result row per run, in group order (a run whose loss went non-finite has status
-        "failed"; the others are unaffected).
+        One result row per run, in group order (a run whose loss went non-finite, or whose
+        validation accuracy is at chance, has status "diverged"; the others are unaffected).
 
     Raises:
         GroupingError: If the networks cannot be fused (nothing is recorded then).
@@ -284,14 +284,14 @@ def _finish(
         error = FloatingPointError(module.member_error(k) or "training loss is not finite")
         for logger in member.loggers:
             logger.finalize("failed")
-        result = failed_result(member.run, error, pass_id)
-        say(f"FAILED {member.run.label()}: {result.error}", logging.ERROR)
+        result = failed_result(member.run, error, pass_id)  # `diverged`: a FloatingPointError
+        say_outcome(member.run, result)
         return result
     for logger in member.loggers if log else []:
         logger.log_metrics({**tested, "epoch": epochs}, step=int(module.batches_seen))
         logger.finalize("success")
     save_adapter(member.module.network, study_dir / "adapters" / member.run.adapter)
-    return finished_result(
+    result = finished_result(
         member.cfg,
         member.module,
         datamodule,
@@ -306,3 +306,5 @@ def _finish(
         val_acc=module.val_metrics.get(k, {}).get("val_acc"),
         artefact=f"adapters/{member.run.adapter}",
     )
+    say_outcome(member.run, result)  # at chance: diverged
+    return result

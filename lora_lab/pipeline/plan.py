@@ -17,6 +17,10 @@ from lora_lab.pipeline.methods import lora_config_of, method_patch
 from lora_lab.pipeline.resume import run_identity
 from lora_lab.pipeline.run_config import adapter_name_for, run_id_for, stage_config
 
+#: `sweep.seeds=auto`, and the seeds 0 … AUTO_FIRST_SEEDS − 1 such a study starts with.
+AUTO = "auto"
+AUTO_FIRST_SEEDS = 3
+
 
 class StudyError(ValueError):
     """Bad study input, found before any training starts."""
@@ -119,9 +123,7 @@ def plan(cfg: DictConfig) -> list[PlannedRun]:
             repeated runs), before anything is trained or written.
     """
     check_values(cfg)
-    seeds = list(cfg.sweep.seeds) if cfg.sweep.seeds is not None else [int(cfg.seed)]
-    if not seeds:
-        raise StudyError("sweep.seeds=[] must list at least one seed, e.g. sweep.seeds=[0,1,2]")
+    seeds = study_seeds(cfg)
     sweep_jobs(cfg)
     # `lora.rank` itself is replaced by each of sweep.ranks, but a bad value is still an error.
     lora_config_of(cfg.lora)
@@ -145,13 +147,7 @@ def plan(cfg: DictConfig) -> list[PlannedRun]:
         )
     ]
     for run in runs:
-        if run.stage == "full_finetune":
-            _name(cfg, run, runs[0], several=(False, len(full_lrs) > 1, False))
-            run.run_id += f"_s{run.seed}" if len(full_seeds) > 1 else ""
-            continue
-        _name(
-            cfg, run, runs[0], several=(len(alphas) > 1, len(learning_rates) > 1, len(methods) > 1)
-        )
+        _name(cfg, run, runs[0])
     duplicates = sorted(n for n, count in Counter(r.run_id for r in runs).items() if count > 1)
     if duplicates:
         raise StudyError(
@@ -172,15 +168,50 @@ def _methods(cfg: DictConfig) -> list[str | None]:
     return [str(name) for name in names]
 
 
-def _name(
-    cfg: DictConfig, run: PlannedRun, pretrain: PlannedRun, several: tuple[bool, bool, bool]
-) -> None:
+def study_seeds(cfg: DictConfig) -> list[int]:
+    """The seeds a study starts with: `sweep.seeds`; `auto`: 0, 1, 2 (the fewest a verdict
+    tests, `report.verdict.MIN_SEEDS`; `adaptive` adds more); null: the study's `seed`.
+
+    Raises:
+        StudyError: for an empty list.
+    """
+    seeds = cfg.sweep.seeds
+    if seeds == AUTO:
+        return list(range(AUTO_FIRST_SEEDS))
+    if seeds is None:
+        return [int(cfg.seed)]
+    if len(seeds) == 0:
+        raise StudyError("sweep.seeds=[] must list at least one seed, e.g. sweep.seeds=[0,1,2]")
+    return [int(seed) for seed in seeds]
+
+
+def variant(
+    cfg: DictConfig, run: PlannedRun, pretrain: PlannedRun, seed: int, learning_rate: float | None
+) -> PlannedRun:
+    """`run` at another seed or learning rate, named as `plan` names its study's runs (a seed
+    round of `sweep.seeds=auto`, a step past a grid's edge: see `adaptive`)."""
+    new = PlannedRun(run.stage, seed, run.rank, run.alpha, learning_rate, run.method)
+    _name(cfg, new, pretrain)
+    return new
+
+
+def _several(cfg: DictConfig, stage: str) -> tuple[bool, bool, bool, bool]:
+    """Which dimensions a run's names carry: (alpha, learning rate, method, seed of a full
+    finetune), each only when the study sweeps several values of it."""
+    if stage == "full_finetune":
+        full_lrs = cfg.stages.full_finetune.get("learning_rates") or []
+        return False, len(full_lrs) > 1, False, len(study_seeds(cfg)) > 1
+    several = [len(_grid(cfg, key, "[1]")) > 1 for key in ("alphas", "learning_rates")]
+    return several[0], several[1], len(_methods(cfg)) > 1, False
+
+
+def _name(cfg: DictConfig, run: PlannedRun, pretrain: PlannedRun) -> None:
     """Fill a planned run's config, epochs, id, adapter folder and identity.
 
     Names carry a swept dimension only when it has several values, so the default layout
     (`lora_r8_a8_s0`, `adapters/rank_8_seed_0`) stays as it was.
     """
-    name_alpha, name_lr, name_method = several
+    name_alpha, name_lr, name_method, name_seed = _several(cfg, run.stage)
     run.cfg = stage_config(
         cfg,
         run.stage,
@@ -195,6 +226,7 @@ def _name(
     learning_rate = run.learning_rate if name_lr else None
     method = run.method if name_method else None
     run.run_id = run_id_for(run.stage, run.rank, alpha, run.seed, learning_rate, method)
+    run.run_id += f"_s{run.seed}" if name_seed else ""
     if run.stage == "lora":
         run.adapter = adapter_name_for(
             run.rank, run.seed, run.alpha if name_alpha else None, learning_rate, method

@@ -20,7 +20,7 @@ from lora_lab.pipeline.console import say
 from lora_lab.pipeline.plan import PlannedRun
 from lora_lab.pipeline.record import write_results_csv
 from lora_lab.pipeline.resume import describe_previous, finished
-from lora_lab.results import RunResult
+from lora_lab.results import DIVERGED, RunResult
 
 
 def _fmt_seconds(seconds: float) -> str:
@@ -53,7 +53,7 @@ class Progress:
     """
 
     def __init__(self, runs: Sequence[PlannedRun], study_dir: Path, jobs: int = 1) -> None:
-        self.runs = runs
+        self.runs: list[PlannedRun] = list(runs)
         self.study_dir = study_dir
         self.jobs = jobs
         self.counted = 0  # runs said so far: begun, in a pass, or skipped as done earlier
@@ -63,6 +63,7 @@ class Progress:
         self.started: dict[int, float] = {}  # a run on its own → when it began
         self.pass_started = 0.0  # when the fused pass under way began
         self.failed: list[str] = []
+        self.diverged: list[str] = []  # a result, not a failure: the study still exits 0
         self.skipped: list[str] = []
         self._position = {id(run): index for index, run in enumerate(runs)}
 
@@ -95,7 +96,9 @@ class Progress:
         started = self.started.pop(index, None)
         if started is not None and result.ok:
             self.alone.add(time.perf_counter() - started, self.runs[index].epochs)
-        if not result.ok:
+        if result.status == DIVERGED:
+            self.diverged.append(result.run_id)
+        elif not result.ok:
             self.failed.append(result.run_id)
         if write_table:
             write_results_csv(self.study_dir)
@@ -131,17 +134,37 @@ class Progress:
         self.passes.remove(members)
         self.counted -= len(members)
 
-    def skip_finished(self) -> list[int]:
-        """Say which runs a previous attempt finished (an `ok` result of the same identity, and
-        its artefact on disk), leave them out of the time estimate, and return the others."""
+    def skip_finished(self, indices: Sequence[int] | None = None) -> list[int]:
+        """Say which runs a previous attempt finished (an `ok` result of the same identity with
+        its artefact on disk, or a `diverged` one), leave them out of the time estimate, and
+        return the others.
+
+        Args:
+            indices: Positions in the plan to look at; None: every run.
+        """
         todo = []
-        for index, run in enumerate(self.runs):
-            run_dir = self.study_dir / "runs" / run.run_id
-            if finished(run_dir, run.identity) and (self.study_dir / run.artefact_file).is_file():
+        for index in range(len(self.runs)) if indices is None else indices:
+            run = self.runs[index]
+            status = finished(self.study_dir / "runs" / run.run_id, run.identity)
+            kept = (self.study_dir / run.artefact_file).is_file()
+            if status == DIVERGED or (status == "ok" and kept):
                 self.counted += 1
-                say(f"[{self.counted}/{len(self.runs)}] {run.label()} … done earlier, skipped")
+                done = "diverged" if status == DIVERGED else "done"
+                say(f"[{self.counted}/{len(self.runs)}] {run.label()} … {done} earlier, skipped")
                 self.pending.discard(index)
                 self.skipped.append(run.run_id)
+                if status == DIVERGED:
+                    self.diverged.append(run.run_id)
             else:
                 todo.append(index)
         return todo
+
+    def add(self, runs: Sequence[PlannedRun]) -> list[int]:
+        """Runs added to the study as it goes (a round of seeds, a step past a grid's edge):
+        they join the plan and the count; returns their positions."""
+        start = len(self.runs)
+        self.runs = [*self.runs, *runs]
+        for index, run in enumerate(runs, start):
+            self._position[id(run)] = index
+            self.pending.add(index)
+        return list(range(start, len(self.runs)))

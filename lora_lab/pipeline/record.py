@@ -3,6 +3,11 @@
 
 Every runner (sequential, fused, pool) hands its runs here: `finished_result` for a run that
 trained and tested, `failed_result` for one that did not, `record` to write either.
+
+A run *diverged* (status `diverged`: a result, never chosen, never averaged in) when its
+training loss went non-finite (the `FloatingPointError` the task modules raise), its test loss
+is non-finite, or, in a finetune stage, its validation accuracy is at chance:
+val_acc ≤ 1/k + CHANCE_MARGIN, k being the number of classes the run trains on.
 """
 
 from __future__ import annotations
@@ -24,9 +29,45 @@ from lora_lab.pipeline.methods import method_of
 from lora_lab.pipeline.plan import PlannedRun
 from lora_lab.pipeline.resume import CHECKPOINT_FILE, IDENTITY_FILE
 from lora_lab.report.selection import selected_mask
-from lora_lab.results import RESULTS_CSV, RunResult, find_results, results_frame, write_result
+from lora_lab.results import (
+    DIVERGED,
+    RESULTS_CSV,
+    RunResult,
+    find_results,
+    results_frame,
+    write_result,
+)
 
 log = logging.getLogger(__name__)
+
+#: Accuracy points above 1/k that still count as guessing (see the module docstring).
+CHANCE_MARGIN = 0.05
+#: The stages whose runs compete for a learning rate: the chance rule applies to them.
+FINETUNE_STAGES = ("full_finetune", "lora")
+
+
+def chance_level(datamodule: Any) -> float | None:
+    """1/k for a classification datamodule training on k classes; None for regression."""
+    classes = getattr(datamodule, "train_class_indices", None)
+    count = len(classes) if classes else getattr(datamodule, "num_classes", None)
+    return 1.0 / count if count else None
+
+
+def divergence(
+    stage: str, val_acc: float | None, test_loss: float | None, chance: float | None
+) -> str:
+    """Why a run that trained counts as diverged ("" when it does not): a non-finite test loss,
+    or a finetune run's validation accuracy at chance (≤ 1/k + CHANCE_MARGIN)."""
+    if test_loss is not None and not math.isfinite(test_loss):
+        return "test loss is not finite"
+    if stage not in FINETUNE_STAGES or val_acc is None or chance is None:
+        return ""
+    if val_acc <= chance + CHANCE_MARGIN:
+        return (
+            f"validation accuracy {val_acc:.4f} is at chance (≤ 1/{round(1 / chance)} + "
+            f"{CHANCE_MARGIN:g})"
+        )
+    return ""
 
 
 def tested_fields(
@@ -100,7 +141,8 @@ def finished_result(
     counts = count_parameters(module.network)
     fingerprint = getattr(datamodule, "fingerprint", None)
     delta_error = relative_delta_error(module, datamodule, pretrained)
-    result = RunResult(
+    why = divergence(stage, val_acc, tested["test_loss"], chance_level(datamodule))
+    return RunResult(
         run_id=run_id,
         stage=stage,
         rank=int(run_cfg.lora.rank) if stage == "lora" else None,
@@ -120,15 +162,15 @@ def finished_result(
         identity=identity,
         artefact=artefact,
         data_fingerprint=fingerprint() if callable(fingerprint) else None,
+        status=DIVERGED if why else "ok",
+        error=why,
         **tested,
     )
-    if result.test_loss is not None and not math.isfinite(result.test_loss):
-        result.status, result.error = "failed", "test loss is not finite"
-    return result
 
 
 def failed_result(run: PlannedRun, error: BaseException, pass_id: str = "") -> RunResult:
-    """The result of a run that failed (or could not start), with the error's first line.
+    """The result of a run that failed (or could not start), with the error's first line; a
+    non-finite training loss (`FloatingPointError`) makes it `diverged` instead.
 
     Args:
         run: The planned run.
@@ -146,19 +188,19 @@ def failed_result(run: PlannedRun, error: BaseException, pass_id: str = "") -> R
         method=method_of(run.cfg.lora) if run.stage == "lora" else None,
         run_dir=f"runs/{run.run_id}",
         pass_id=pass_id or run.run_id,
-        status="failed",
+        status=DIVERGED if isinstance(error, FloatingPointError) else "failed",
         error=f"{type(error).__name__}: {text.splitlines()[0] if text else ''}",
         identity=run.identity,
     )
 
 
 def record(run_cfg: DictConfig, study_dir: Path, result: RunResult, env: dict[str, Any]) -> None:
-    """Write a run's `result.json` (with its resolved config and environment). A finished
-    run's resume checkpoint and its identity marker have done their job once the result is on
-    disk (which holds the identity too): they are removed."""
+    """Write a run's `result.json` (with its resolved config and environment). A finished (or
+    diverged) run's resume checkpoint and its identity marker have done their job once the
+    result is on disk (which holds the identity too): they are removed."""
     config = OmegaConf.to_container(run_cfg, resolve=True)
     write_result(study_dir / result.run_dir, result.to_record(config=config, environment=env))
-    if result.ok:
+    if result.status in ("ok", DIVERGED):
         (study_dir / result.run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
         (study_dir / result.run_dir / IDENTITY_FILE).unlink(missing_ok=True)
 

@@ -4,7 +4,7 @@ A run's identity is a hash of everything in its resolved config that can change 
 (stage, seed, data, model, module, trainer, LoRA settings, and for finetune runs the identity
 of the pretrain run they start from). Re-running a sweep skips a run whose `result.json` says
 `ok` under the same identity, resumes one that left a `last.ckpt` under the same identity, and
-redoes everything else.
+redoes everything else. A `diverged` result is final too: the same run would diverge again.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lora_lab.results import RESULT_FILE, RESULTS_CSV, SET_ASIDE, read_result
+from lora_lab.results import DIVERGED, RESULT_FILE, RESULTS_CSV, SET_ASIDE, read_result
 
 STUDY_FILE = "study.json"
 CHECKPOINT_FILE = "last.ckpt"
@@ -47,9 +47,11 @@ _STUDY_FREE = {
     "sweep.fused",  # fused or not, a run's result is the same (see pipeline.fused)
     "sweep.methods",
     "sweep.learning_rates",
+    "sweep.lr_extend",
     "stages.full_finetune.learning_rates",
     "threads",
     "report.tolerance",
+    "report.max_seeds",
 }
 # What marks a folder as lora_lab's (a sweep's study.json, the runs of `lora-lab train`, Hydra's
 # record of a run or of a multirun): a non-empty folder with none of them is someone's own, which no study writes into.
@@ -83,19 +85,22 @@ def run_identity(run_cfg: DictConfig, upstream: str | None = None) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def finished(run_dir: Path, identity: str) -> bool:
-    """True when `run_dir` holds an `ok` result of a run with this identity.
+def finished(run_dir: Path, identity: str) -> str | None:
+    """The status of the final result `run_dir` holds for a run with this identity: `ok` or
+    `diverged`; None when there is none (no result, another identity, or a failed run).
 
     A corrupt `result.json` counts as not finished; callers report it via `describe_previous`.
     """
     path = run_dir / RESULT_FILE
     if not path.is_file():
-        return False
+        return None
     try:
         result = read_result(path)
     except ValueError:
-        return False
-    return result.get("status") == "ok" and result.get("identity") == identity
+        return None
+    status = result.get("status")
+    final = status in ("ok", DIVERGED) and result.get("identity") == identity
+    return str(status) if final else None
 
 
 def describe_previous(run_dir: Path) -> str | None:

@@ -42,7 +42,7 @@ from lora_lab.pipeline.progress import Progress
 from lora_lab.pipeline.record import failed_result, finished_result, record, tested_fields
 from lora_lab.pipeline.run_config import adapter_name_for, run_id_for
 from lora_lab.pipeline.threads import ThreadBudget
-from lora_lab.results import RunResult
+from lora_lab.results import DIVERGED, RunResult
 
 log = logging.getLogger(__name__)
 
@@ -223,11 +223,19 @@ def execute(
     except Exception as error:  # a failed run is a result, not the end of the study
         log.debug("run %s failed", run.label(), exc_info=True)
         result, stage_run = failed_result(run, error), None
-        say(f"FAILED {run.label()}: {result.error}", logging.ERROR)
         if logging.getLogger("lora_lab").isEnabledFor(logging.DEBUG):
             traceback.print_exc()
+    say_outcome(run, result)
     record(run.cfg, study_dir, result, env)
     return result, stage_run
+
+
+def say_outcome(run: PlannedRun, result: RunResult) -> None:
+    """One line for a run that did not finish `ok`: FAILED (an error) or DIVERGED (a result)."""
+    if result.status == DIVERGED:
+        say(f"DIVERGED {run.label()}: {result.error}", logging.WARNING)
+    elif not result.ok:
+        say(f"FAILED {run.label()}: {result.error}", logging.ERROR)
 
 
 def run_sequential(

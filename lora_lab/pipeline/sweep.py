@@ -1,5 +1,5 @@
 """The study, in outline: plan → pretrain → full finetune and LoRA (fused, pooled or one by
-one) → table, plots, report.
+one) → rounds of grid steps and seeds (`adaptive`) → table, plots, report.
 
 Every run writes its own `result.json` (`record`); `results.csv` is rebuilt from them as each
 run ends, so the table on disk is always complete up to the last finished run. Re-running the
@@ -20,6 +20,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from lora_lab._atomic import atomic_write_text
+from lora_lab.pipeline.adaptive import grow
 from lora_lab.pipeline.builders import devices_of
 from lora_lab.pipeline.console import say
 from lora_lab.pipeline.environment import environment
@@ -55,7 +56,8 @@ def run_sweep(
             planned and checked here.
 
     Returns:
-        `{"results": DataFrame, "failed": [run ids], "skipped": [run ids]}`.
+        `{"results": DataFrame, "failed": [run ids], "diverged": [run ids], "skipped":
+        [run ids]}`; a diverged run is a result, not a failure.
     """
     if runs is None:
         runs = plan(cfg)  # every run, its config, identity and name; every plain value checked
@@ -63,27 +65,13 @@ def run_sweep(
     say_devices(runs)
     env = open_study(cfg, study_dir, command)
     progress = Progress(runs, study_dir, sweep_jobs(cfg))
-    todo = progress.skip_finished()
-    pretrain = [i for i in todo if runs[i].stage == "pretrain"]
-    others = [i for i in todo if runs[i].stage == "full_finetune"]
-    lora = [i for i in todo if runs[i].stage == "lora"]
-    if cfg.sweep.get("fused", False):  # the time left counts these runs as passes
-        progress.expect_passes(fusable([runs[i] for i in lora])[0])
 
-    run_sequential(pretrain, progress, env, target_data=stage_config(cfg, "lora").data)
-    if "pretrain" in progress.failed:
-        record_skipped(others + lora, progress, env, "the pretrain stage failed")
-    else:
-        pretrained, jobs = study_dir / PRETRAINED, sweep_jobs(cfg)
-        if jobs == 1:
-            run_sequential(others, progress, env, pretrained=pretrained)
-            others = []
-        if cfg.sweep.get("fused", False):
-            lora = train_fused(lora, progress, pretrained, env)
-        if jobs == 1:
-            run_sequential(lora, progress, env, pretrained=pretrained)
-        else:
-            run_pooled(others + lora, progress, env, jobs, pretrained)
+    def train(indices: list[int]) -> None:
+        train_runs(cfg, indices, progress, env)
+
+    train(progress.skip_finished())
+    if "pretrain" not in progress.failed + progress.diverged:
+        grow(cfg, progress, train)  # grid steps past an edge choice; sweep.seeds=auto's rounds
 
     if not progress.failed:  # a pass that failed left its folder; its runs went on their own
         shutil.rmtree(study_dir / PASSES, ignore_errors=True)
@@ -94,7 +82,46 @@ def run_sweep(
             f"{len(progress.skipped)} run(s) finished earlier were skipped "
             "(sweep.restart=true redoes them)"
         )
-    return {"results": frame, "failed": progress.failed, "skipped": progress.skipped}
+    if progress.diverged:  # a result, not a failure: the study still exits 0
+        say(
+            f"{len(progress.diverged)} run(s) diverged (status diverged in results.csv; never "
+            f"chosen, never averaged in): {', '.join(progress.diverged)}"
+        )
+    return {
+        "results": frame,
+        "failed": progress.failed,
+        "diverged": progress.diverged,
+        "skipped": progress.skipped,
+    }
+
+
+def train_runs(
+    cfg: DictConfig, indices: list[int], progress: Progress, env: dict[str, Any]
+) -> None:
+    """Train the runs at `indices` of the plan: pretrain, then the full finetunes and the LoRA
+    runs (fused where they can, `sweep.jobs` at a time where asked); after a failed pretrain
+    the others are recorded as skipped."""
+    runs = progress.runs
+    pretrain = [i for i in indices if runs[i].stage == "pretrain"]
+    others = [i for i in indices if runs[i].stage == "full_finetune"]
+    lora = [i for i in indices if runs[i].stage == "lora"]
+    if cfg.sweep.get("fused", False):  # the time left counts these runs as passes
+        progress.expect_passes(fusable([runs[i] for i in lora])[0])
+
+    run_sequential(pretrain, progress, env, target_data=stage_config(cfg, "lora").data)
+    if "pretrain" in progress.failed + progress.diverged:  # no weights to start from
+        record_skipped(others + lora, progress, env, "the pretrain stage failed")
+        return
+    pretrained, jobs = progress.study_dir / PRETRAINED, sweep_jobs(cfg)
+    if jobs == 1:
+        run_sequential(others, progress, env, pretrained=pretrained)
+        others = []
+    if cfg.sweep.get("fused", False):
+        lora = train_fused(lora, progress, pretrained, env)
+    if jobs == 1:
+        run_sequential(lora, progress, env, pretrained=pretrained)
+    else:
+        run_pooled(others + lora, progress, env, jobs, pretrained)
 
 
 def say_devices(runs: list[PlannedRun]) -> None:

@@ -12,9 +12,11 @@ from lora_lab.report.verdict import (
     NO_SAVING,
     NOT_TESTED,
     PASS,
+    UNSETTLED,
     RankTest,
     Recommendation,
     recommend,
+    settlement,
 )
 
 
@@ -45,11 +47,20 @@ def _interval(test: RankTest) -> str:
     return f"[{100 * low:.2f}, {100 * high:.2f}]"
 
 
-def rank_tests_table(recommendation: Recommendation) -> pd.DataFrame:
-    """One row per rank of one method, largest first: gap, intervals, seeds and verdict.
+def _settled(test: RankTest, tolerance: float) -> str:
+    """ "yes" or "no" for a tested rank (see `verdict.settlement`); "" for the others."""
+    if test.verdict in (NO_SAVING, NOT_TESTED):
+        return ""
+    return "no" if settlement(test, tolerance) == UNSETTLED else "yes"
+
+
+def rank_tests_table(recommendation: Recommendation, tolerance: float) -> pd.DataFrame:
+    """One row per rank of one method, largest first: gap, intervals, seeds, verdict and
+    whether it is settled.
 
     Args:
         recommendation: One method's `Recommendation`.
+        tolerance: `report.tolerance`.
 
     Returns:
         Text columns for `markdown_table`; gaps and bounds in accuracy points.
@@ -69,6 +80,7 @@ def rank_tests_table(recommendation: Recommendation) -> pd.DataFrame:
                 "two-sided 95% interval": _interval(test),
                 "one-sided 95% upper bound": "" if math.isnan(upper) else f"{100 * upper:.2f}",
                 "verdict": _verdict(test),
+                "settled": _settled(test, tolerance),
                 "seeds needed": _needed(test),
             }
         )
@@ -100,14 +112,18 @@ def recommended_section(df: pd.DataFrame, tolerance: float) -> list[str]:
     for recommendation in recommendations:
         if len(recommendations) > 1:
             lines += [f"### {recommendation.method}", ""]
-        lines.append(markdown_table(rank_tests_table(recommendation)))
+        lines.append(markdown_table(rank_tests_table(recommendation, tolerance)))
     lines += [
         "Gap = mean full-finetune test accuracy − mean LoRA test accuracy, in points, at each "
         "side's chosen learning rate; intervals are Welch's (a side with collapsed seeds has no "
         "spread: with none on either side the interval is the gap itself). *Seeds needed*: "
         f"the smallest n ≥ {MIN_SEEDS} seeds per side at which the observed gap's upper bound, "
         "with the observed spreads, would fall below the tolerance; *cannot clear* when the "
-        "gap itself is at or above it (or no spread is known). *Full rank* is marked only when "
+        "gap itself is at or above it (or no spread is known). *Settled*: the rank's one-sided "
+        "95% interval clears the tolerance on one side (upper bound below it, or lower bound "
+        f"above it, ≥ {MIN_SEEDS} seeds a side); `sweep.seeds=auto` adds seeds until every rank "
+        "tested up to the first settled fail is settled, or `report.max_seeds` is reached. "
+        "*Full rank* is marked only when "
         "the parameter counts prove it (rank ≥ half the parameters each rank adds); results.csv "
         "holds no layer shapes, so a smaller full rank is not shown.",
         "",

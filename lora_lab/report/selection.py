@@ -20,11 +20,14 @@ import pandas as pd
 
 from lora_lab.results import diverged_mask, ok_mask
 
+#: The smallest grid whose end choice is a bound: two values bracket nothing (the pipeline
+#: extends such a choice's grid past its edge, `sweep.lr_extend`).
+EDGE_GRID = 2
 #: What a learning rate is chosen within: one curve point (seeds and learning rates vary).
 CONFIG_KEYS = ["stage", "method", "rank", "alpha"]
 
 
-def _keys(df: pd.DataFrame) -> pd.DataFrame:
+def config_keys(df: pd.DataFrame) -> pd.DataFrame:
     """The configuration keys as strings, so that NaN (no rank on full-finetune rows) groups."""
     return df[CONFIG_KEYS].map(str)  # (astype(str) keeps NaN as missing in pandas 3)
 
@@ -59,7 +62,7 @@ def _choose(group: pd.DataFrame) -> dict[str, object]:
         "learning_rate": chosen,
         "val_acc": means.get(chosen, math.nan),
         "grid": grid,
-        "at_edge": len(grid) >= 3 and chosen in (grid[0], grid[-1]),
+        "at_edge": len(grid) >= EDGE_GRID and chosen in (grid[0], grid[-1]),
         "ties": _tied_with(chosen, pool.dropna(subset=["val_acc"])),
         "diverged": len(diverged),
     }
@@ -75,14 +78,14 @@ def chosen_learning_rates(df: pd.DataFrame) -> pd.DataFrame:
         Columns ``stage, method, rank, alpha, learning_rate, val_acc, grid, at_edge, ties,
         diverged``; a configuration without validation accuracy (regression) keeps its only,
         or first, learning rate. ``at_edge`` is True when the choice is the grid's smallest or
-        largest value of a grid of three or more: a bound, not an optimum (the best may lie
+        largest value of a grid of two or more (`EDGE_GRID`): a bound, not an optimum (the best may lie
         outside the grid). ``ties`` lists the learning rates tied with the choice (see the
         module docstring), ``diverged`` counts the configuration's diverged runs.
     """
     trained = df[df["stage"].isin(["full_finetune", "lora"])]
     live = trained[ok_mask(trained) | diverged_mask(trained)]
     rows = []
-    keys = _keys(live)
+    keys = config_keys(live)
     for _key, group in live.groupby([keys[c] for c in CONFIG_KEYS], sort=False):
         if not ok_mask(group).any():
             continue  # every run diverged: nothing to choose
@@ -99,7 +102,7 @@ def selected_mask(df: pd.DataFrame) -> pd.Series:
     picked = set(
         zip(*[chosen[c].map(str) for c in CONFIG_KEYS], chosen["learning_rate"], strict=True)
     )
-    keys = zip(*[_keys(df)[c] for c in CONFIG_KEYS], df["learning_rate"], strict=True)
+    keys = zip(*[config_keys(df)[c] for c in CONFIG_KEYS], df["learning_rate"], strict=True)
     in_choice = pd.Series([key in picked for key in keys], index=df.index)
     return (df["stage"] == "pretrain") | (ok_mask(df) & in_choice)
 
@@ -111,7 +114,7 @@ def lr_tuned(df: pd.DataFrame) -> bool:
     done = done.dropna(subset=["val_acc"])
     if done.empty:
         return False
-    keys = _keys(done)
+    keys = config_keys(done)
     return bool(done.groupby([keys[c] for c in CONFIG_KEYS])["learning_rate"].nunique().max() > 1)
 
 

@@ -15,6 +15,12 @@ Collapsed seeds (identical values, zero variance) are handled by hand, where sci
 would warn and return NaN: with no spread on either side the bound is the gap itself; with
 spread on one side only, ν = n − 1 of that side (Welch–Satterthwaite's limit).
 
+Settled: a tested rank's answer is *settled* when its one-sided 95% interval clears the
+tolerance on one side: the upper bound below it (a settled pass) or the lower bound,
+gap − t(0.95, ν)·se, above it (a settled fail), with ≥ 3 seeds a side. A recommendation is
+settled when every rank of the sequence, largest first, up to and including the first settled
+fail, is settled (`sweep.seeds=auto` adds seeds until it is).
+
 Seeds needed: with n seeds on each side and the observed spreads s_f, s_l, the bound of the
 observed gap g is g + t(0.95, ν_n)·sqrt((s_f² + s_l²)/n), ν_n = (n − 1)(s_f² + s_l²)²/(s_f⁴ + s_l⁴).
 The estimate is the smallest n ≥ 3 at which that falls below the tolerance (a side with one
@@ -36,6 +42,9 @@ DEFAULT_TOLERANCE = 0.01  # one accuracy point
 CONFIDENCE = 0.95
 MIN_SEEDS = 3
 MAX_SEEDS_ESTIMATE = 1000  # past this, "more than 1000" says enough
+
+#: Whether a tested rank's answer is settled (see the module docstring).
+SETTLED_PASS, SETTLED_FAIL, UNSETTLED = "settled pass", "settled fail", "unsettled"
 
 #: Verdicts of one rank, as the report's table shows them.
 PASS, FAIL, FEW_SEEDS, NOT_TESTED, NO_SAVING = (
@@ -63,6 +72,11 @@ class Gap:
     low: float
     high: float
     df: float
+
+    @property
+    def lower(self) -> float:
+        """The one-sided 95% lower bound, gap − t(0.95, ν)·se (the mirror of `upper`)."""
+        return 2 * self.gap - self.upper
 
 
 def _variance(values: np.ndarray) -> float:
@@ -300,3 +314,31 @@ def recommend(df: pd.DataFrame, tolerance: float = DEFAULT_TOLERANCE) -> list[Re
         _sequence(str(method), runs, full, full_params, tolerance)
         for method, runs in lora.groupby("method", sort=False)
     ]
+
+
+def settlement(test: RankTest, tolerance: float) -> str:
+    """Whether one rank's answer is settled: SETTLED_PASS (upper bound < tolerance),
+    SETTLED_FAIL (lower bound > tolerance) or UNSETTLED (neither, or < MIN_SEEDS a side)."""
+    if min(test.seeds) < MIN_SEEDS or math.isnan(test.interval.upper):
+        return UNSETTLED
+    if test.interval.upper < tolerance:
+        return SETTLED_PASS
+    if test.interval.lower > tolerance:
+        return SETTLED_FAIL
+    return UNSETTLED
+
+
+def unsettled_ranks(recommendation: Recommendation, tolerance: float) -> tuple[int, ...]:
+    """The ranks whose answer the recommendation still waits for: the ranks of the fixed
+    sequence (fewer trainable parameters than the full finetune), largest first, up to and
+    including the first settled fail, that are not settled. Empty: the answer is settled."""
+    waiting = []
+    for test in recommendation.tests:
+        if test.verdict == NO_SAVING:
+            continue
+        state = settlement(test, tolerance)
+        if state == SETTLED_FAIL:
+            break
+        if state == UNSETTLED:
+            waiting.append(test.rank)
+    return tuple(waiting)

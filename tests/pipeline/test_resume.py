@@ -129,23 +129,27 @@ def test_corrupt_result_is_reported_and_redone(finished_study, tmp_path, capsys)
     pd.testing.assert_frame_equal(metrics(copy), metrics(study))
 
 
-def test_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
+def test_diverged_runs_are_recorded_and_the_sweep_goes_on(tmp_path, capsys):
     args = [
         *tiny_study_overrides(tmp_path),
         f"output_dir={tmp_path / 'study'}",
         "sweep.ranks=[1,2]",
     ]
     # A huge learning rate on rank 1 only is not expressible; blow up every LoRA run instead
-    # and check the sweep still reaches the end, records both, and exits non-zero.
-    assert main(["sweep", *args, "stages.lora.lr=1e30"]) == 1
+    # and check the sweep still reaches the end, records both as diverged (a result, not a
+    # crash: exit 0), and on a second call skips them as final.
+    assert main(["sweep", *args, "stages.lora.lr=1e30"]) == 0
     err = capsys.readouterr().err
-    assert "FAILED lora rank=1 seed=0: FloatingPointError" in err
+    assert "DIVERGED lora rank=1 seed=0: FloatingPointError" in err
     table = pd.read_csv(tmp_path / "study" / "results.csv").set_index("run_id")
     assert table.loc["full_finetune", "status"] == "ok"
-    assert (table.loc[["lora_r1_a1_s0", "lora_r2_a2_s0"], "status"] == "failed").all()
+    assert (table.loc[["lora_r1_a1_s0", "lora_r2_a2_s0"], "status"] == "diverged").all()
     assert table.loc["lora_r1_a1_s0", "error"].startswith("FloatingPointError: training loss is")
-    assert "2 run(s) failed" in err
+    assert "2 run(s) diverged" in err and "failed" not in err
     assert "Failed runs" in (tmp_path / "study" / "report.md").read_text()
+    assert main(["sweep", *args, "stages.lora.lr=1e30"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("diverged earlier, skipped") == 2 and "FloatingPointError" not in err
 
 
 def test_result_json_records_provenance(finished_study):

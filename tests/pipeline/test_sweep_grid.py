@@ -63,6 +63,12 @@ def test_alphas_learning_rates_and_seeds_form_a_grid_with_ranks():
     assert lora[0].label() == "lora rank=1 alpha=4 lr=0.001 seed=0"
 
 
+def test_auto_seeds_start_with_three_seeds_named_as_a_list_would_name_them():
+    auto = plan(composed("sweep.ranks=[2]", "sweep.seeds=auto"))
+    listed = plan(composed("sweep.ranks=[2]", "sweep.seeds=[0,1,2]"))
+    assert [(r.run_id, r.identity) for r in auto] == [(r.run_id, r.identity) for r in listed]
+
+
 def test_a_single_value_sets_without_renaming():
     runs = lora_runs("sweep.ranks=[1,2]", "sweep.alphas=[8]", "sweep.learning_rates=[0.01]")
     assert [run.run_id for run in runs] == ["lora_r1_a8_s0", "lora_r2_a8_s0"]
@@ -77,6 +83,9 @@ BAD_GRID = {
     "sweep.jobs=0": "sweep.jobs=0 is not allowed: it must be an integer ≥ 1",
     "sweep.jobs=1.5": "sweep.jobs=1.5 is not allowed: it must be an integer ≥ 1",
     "sweep.ranks=[1,1]": "lora_r1_a1_s0",
+    "sweep.seeds=abc": "sweep.seeds='abc' is not allowed: it must be a list of integers or one of auto",
+    "sweep.lr_extend=1.5": "sweep.lr_extend=1.5 is not allowed: it must be an integer ≥ 0",
+    "report.max_seeds=2": "report.max_seeds=2 is not allowed: it must be an integer ≥ 3",
 }
 
 

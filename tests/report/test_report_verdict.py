@@ -21,7 +21,12 @@ from lora_lab.report.verdict import (
     NO_SAVING,
     NOT_TESTED,
     PASS,
+    SETTLED_FAIL,
+    SETTLED_PASS,
+    UNSETTLED,
     recommend,
+    settlement,
+    unsettled_ranks,
     welch_gap,
 )
 from lora_lab.results import RunResult
@@ -42,6 +47,14 @@ def recommendation(ranks: dict[int, list[float]], baseline: list[float], params=
     rows += [full(0.001, s, val=0.5, test=t) for s, t in enumerate(baseline)]
     (result,) = recommend(table(rows), tol)
     return result
+
+
+def table_of(ranks: dict[int, list[float]], baseline: list[float] = (0.900, 0.901, 0.899)):
+    """The results table of `recommendation`'s rows."""
+    rows = [
+        lora(r, 0.001, s, val=0.5, test=t) for r, accs in ranks.items() for s, t in enumerate(accs)
+    ]
+    return table(rows + [full(0.001, s, val=0.5, test=t) for s, t in enumerate(baseline)])
 
 
 def by_rank(result):
@@ -212,3 +225,35 @@ def test_the_result_type_accepts_diverged_and_refuses_an_unknown_status():
     assert not RunResult("r", "lora", status="diverged").ok
     with pytest.raises(ValueError, match="status 'exploded' is not one of"):
         RunResult("r", "lora", status="exploded")
+
+
+# Settled or not (sweep.seeds=auto stops on it), tolerance 1 point. The full finetune:
+# mean 0.900, s = 0.001. A tight rank at 0.899 (s = 0.001): gap 0.1 point, se = 0.00082,
+# upper ≈ 0.1 + 2.13·0.082 = 0.27 point < 1: a settled pass. A rank at 0.800: gap 10 points,
+# lower ≈ 9.8 > 1: a settled fail. A noisy rank at 0.90 ± 0.05: se ≈ 2.9 points, so the
+# interval [−6, +6] holds the tolerance: unsettled.
+SETTLE_FULL = [0.900, 0.901, 0.899]
+TIGHT, NOISY, FAR = [0.899, 0.900, 0.898], [0.90, 0.85, 0.95], [0.800, 0.801, 0.799]
+
+
+def test_a_rank_is_settled_when_its_interval_clears_the_tolerance_on_one_side():
+    result = recommendation({16: TIGHT, 8: NOISY, 4: FAR}, SETTLE_FULL)
+    tests = by_rank(result)
+    assert settlement(tests[16], 0.01) == SETTLED_PASS
+    assert tests[16].interval.upper < 0.01 < tests[8].interval.upper
+    assert settlement(tests[8], 0.01) == UNSETTLED and tests[8].interval.lower < 0.01
+    assert settlement(tests[4], 0.01) == SETTLED_FAIL and tests[4].interval.lower > 0.01
+    # the lower bound mirrors the upper one around the gap
+    assert tests[4].interval.lower == pytest.approx(
+        tests[4].interval.gap - (tests[4].interval.upper - tests[4].interval.gap)
+    )
+    assert settlement(by_rank(recommendation({4: TIGHT[:2]}, SETTLE_FULL))[4], 0.01) == UNSETTLED
+
+
+def test_the_unsettled_ranks_run_down_the_sequence_to_the_first_settled_fail():
+    ranks = {32: TIGHT, 16: NOISY, 8: TIGHT, 4: NOISY, 2: FAR, 1: NOISY}
+    result = recommendation(ranks, SETTLE_FULL)
+    assert unsettled_ranks(result, 0.01) == (16, 4)  # r=1 waits behind r=2's settled fail
+    assert unsettled_ranks(recommendation({8: TIGHT, 4: FAR}, SETTLE_FULL), 0.01) == ()
+    section = "\n".join(recommended_section(table_of(ranks), 0.01))
+    assert "| settled |" in section and "*Settled*" in section
