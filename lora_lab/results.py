@@ -73,8 +73,7 @@ OPTIONAL_COLUMNS: tuple[str, ...] = (
     "error",
 )
 REQUIRED_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c not in OPTIONAL_COLUMNS)
-#: Values of `status`: a finished run, one that raised, one the study left out, and one whose
-#: loss went non-finite or whose accuracy stayed at chance (marked, never averaged in).
+#: `status`: finished, raised, left out, or went non-finite / stayed at chance (never averaged).
 STATUSES: tuple[str, ...] = ("ok", "failed", "skipped", "diverged")
 DIVERGED = "diverged"
 #: Numeric columns (empty cells read as NaN); the others are text.

@@ -29,13 +29,8 @@ from torch import nn
 
 from lora_lab.lora.grouped import cross_entropy_per_adapter, group_networks, share_frozen
 from lora_lab.models.member_optim import member_optimizers
-from lora_lab.models.module import (
-    ClassifierModule,
-    TaskModule,
-    restore_rng_state,
-    save_rng_state,
-    sum_dtype,
-)
+from lora_lab.models.module import ClassifierModule, TaskModule
+from lora_lab.models.run_state import restore_rng_state, save_rng_state, sum_dtype
 
 SPLITS = ("train", "val", "test")
 

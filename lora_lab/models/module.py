@@ -25,41 +25,11 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lora_lab.lora import LoRAConfig, inject_lora, lora_parameter_groups, lora_parameters
+from lora_lab.models.run_state import restore_rng_state, save_rng_state, sum_dtype
 from lora_lab.models.weights import load_network_weights
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
-
-
-def sum_dtype(device: torch.device) -> torch.dtype:
-    """The dtype of per-epoch sums on `device`: float64, where the device has it (MPS lacks
-    it)."""
-    return torch.float32 if device.type == "mps" else torch.float64
-
-
-def save_rng_state(checkpoint: dict[str, Any], device: torch.device) -> None:
-    """Keep the random generators' states in a checkpoint.
-
-    Dropout draws from torch's global generator, and on a GPU from the generator of the
-    module's own device: with their states, a resumed run draws the same masks as an
-    uninterrupted one (the data order is fixed by seed and epoch). Only the module's device is
-    kept: under DDP every process seeds alike and draws alike on its own device, so rank 0's
-    device state is every rank's, while the other devices rank 0 can see were never drawn from.
-    """
-    checkpoint["torch_rng_state"] = torch.get_rng_state()
-    if device.type == "cuda":
-        checkpoint["cuda_rng_state"] = torch.cuda.get_rng_state(device)
-
-
-def restore_rng_state(checkpoint: dict[str, Any], device: torch.device) -> None:
-    """Give the random generators the states `save_rng_state` kept (those present); the CUDA
-    state goes to the module's own device."""
-    state = checkpoint.get("torch_rng_state")
-    if state is not None:
-        torch.set_rng_state(state)
-    cuda_state = checkpoint.get("cuda_rng_state")
-    if isinstance(cuda_state, torch.Tensor) and device.type == "cuda":
-        torch.cuda.set_rng_state(cuda_state, device)
 
 
 class TaskModule(L.LightningModule, ABC):
