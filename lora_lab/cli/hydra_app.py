@@ -32,7 +32,6 @@ def hydra_command(command: str, args: list[str], debug: bool) -> int:
         # Where training starts: torch and Lightning are imported here, not before.
         from lora_lab.pipeline.console import say
         from lora_lab.pipeline.parallel import JobFailed
-        from lora_lab.pipeline.sweep import run_sweep
         from lora_lab.pipeline.train import train
 
         nonlocal exit_code
@@ -42,14 +41,8 @@ def hydra_command(command: str, args: list[str], debug: bool) -> int:
 
         def body() -> int:
             if command == "sweep":
-                runs = checked.plan_of(cfg)  # None under -m: each job checks itself
-                summary = run_sweep(cfg, study_dir, command_line, runs)
-                say(f"study written to {study_dir} (results.csv, accuracy_vs_rank.png, report.md)")
-                failed = summary["failed"]
-                if failed:
-                    say(f"{len(failed)} run(s) failed: {', '.join(failed)}", logging.ERROR)
-                say_recommendation(study_dir, float(cfg.report.tolerance))
-                return 1 if failed else 0
+                # the preflight's plan; None under -m, where each job checks itself
+                return run_study(cfg, study_dir, command_line, checked.plan_of(cfg))
             result, _ = train(cfg, study_dir)
             say(f"{result.summary()} → {study_dir}")
             return 0
@@ -81,6 +74,24 @@ def hydra_command(command: str, args: list[str], debug: bool) -> int:
     except SystemExit as stop:  # Hydra exits 1 after printing a failed job's JobFailed
         return max(exit_code, stop.code if isinstance(stop.code, int) else 1)
     return exit_code
+
+
+def run_study(cfg: DictConfig, study_dir: Path, command_line: str, runs: list | None) -> int:
+    """`lora-lab sweep`'s job: the study, its folder and failures said, and its answer last.
+
+    Returns:
+        The exit code: 1 if a run failed, else 0.
+    """
+    from lora_lab.pipeline.console import say
+    from lora_lab.pipeline.sweep import run_sweep
+
+    summary = run_sweep(cfg, study_dir, command_line, runs)
+    say(f"study written to {study_dir} (results.csv, accuracy_vs_rank.png, report.md)")
+    failed = summary["failed"]
+    if failed:
+        say(f"{len(failed)} run(s) failed: {', '.join(failed)}", logging.ERROR)
+    say_recommendation(study_dir, float(cfg.report.tolerance))
+    return 1 if failed else 0
 
 
 def say_recommendation(study_dir: Path, tolerance: float) -> None:
