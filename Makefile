@@ -49,7 +49,7 @@ data:  ## install Debian's Fashion-MNIST (the offline default dataset) if it is 
 	  $$SUDO apt-get update && $$SUDO apt-get install -y dataset-fashion-mnist; \
 	fi
 
-sweep: setup  ## run the default study (Fashion-MNIST "which rank?", offline; 33 s measured on 2 cores at load 1) into outputs/
+sweep: setup  ## run the default study (Fashion-MNIST "which rank?", offline; 38-42 s measured on 2 cores at load 1.5) into outputs/
 	$(LORA_LAB) sweep $(ARGS)
 
 test:  ## the default test suite (2 min 46 s measured on 2 cores at load 1)
