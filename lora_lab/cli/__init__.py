@@ -39,6 +39,8 @@ examples:
   lora-lab sweep experiment=fashion_mnist_task_shift sweep.seeds=[0,1,2]
   lora-lab sweep data=cifar10 model=convnet data.root=~/data   # CIFAR-10 files on disk
   lora-lab sweep sweep.learning_rates=[3e-4,1e-3]  # ranks × lrs, fused in one pass (the default)
+  lora-lab sweep sweep.seeds=auto                  # add seeds until the verdict is settled
+  lora-lab sweep sweep.lr_extend=0                 # no grid steps past an edge choice (default 2)
   lora-lab sweep sweep.fused=false                 # every LoRA run under its own Trainer
   lora-lab sweep sweep.jobs=2 sweep.alphas=[1,16]  # 2 runs at a time; a rank × alpha grid
   lora-lab sweep trainer=ddp trainer.devices=2     # each run data-parallel on 2 devices

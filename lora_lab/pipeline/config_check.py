@@ -8,8 +8,7 @@ Two sources declare what a key may hold:
   plus the ranges in `RANGES`.
 
 A bad value ends in one line naming the key, the value and what is allowed (`ConfigError`),
-at compose time: before anything trains or is written. The keys are named as the user set
-them: a value that a stage's own setting supplies is named `stages.<stage>.…`.
+before anything trains or is written, under the name the user set (`stages.<stage>.…` too).
 """
 
 from __future__ import annotations
@@ -105,6 +104,7 @@ RANGES: dict[str, Range] = {
     "data.batch_size": AT_LEAST_1,
     "data.eval_batch_size": AT_LEAST_1,
     "data.val_size": AT_LEAST_0,
+    "data.split_seed": AT_LEAST_0,
     "data.num_workers": AT_LEAST_0,
     "model.dropout": FRACTION,
     "module.optimizer.lr": POSITIVE,
