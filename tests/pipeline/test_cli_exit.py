@@ -81,6 +81,7 @@ def test_module_entry_point_bad_input_is_one_line_and_exit_2(tmp_path):
         ["sweep", "sweep.seeds=abc"],
         ["sweep", "sweep.lr_extend=-1"],
         ["sweep", "report.max_seeds=2"],
+        ["sweep", "data.split_seed=-1"],
         ["train", "stage=lora", "module.optimizer.lr=-1"],
     ],
     ids=lambda args: " ".join(args),
