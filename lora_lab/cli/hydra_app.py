@@ -90,19 +90,23 @@ def run_study(cfg: DictConfig, study_dir: Path, command_line: str, runs: list | 
     failed = summary["failed"]
     if failed:
         say(f"{len(failed)} run(s) failed: {', '.join(failed)}", logging.ERROR)
-    say_recommendation(study_dir, float(cfg.report.tolerance))
+    say_recommendation(study_dir, cfg)
     return 1 if failed else 0
 
 
-def say_recommendation(study_dir: Path, tolerance: float) -> None:
-    """The study's answer, as its last line(s): the recommended rank of each method."""
+def say_recommendation(study_dir: Path, cfg: DictConfig) -> None:
+    """The study's answer, as its last line(s): the recommended rank of each method, judged
+    as its report judges it (`report.tolerance`, and the level of `sweep.seeds=auto`)."""
     from lora_lab.pipeline.console import say
-    from lora_lab.report.verdict import recommend
+    from lora_lab.report.verdict import recommend, study_confidence
     from lora_lab.results import read_results
 
     try:
         frame = read_results(study_dir / "results.csv")
     except ValueError:  # no usable table (every run failed): the failures were said above
         return
-    for recommendation in recommend(frame, tolerance):
+    tolerance = float(cfg.report.tolerance)
+    auto = cfg.sweep.get("seeds") == "auto"
+    confidence = study_confidence(auto, int(cfg.report.get("max_seeds") or 10))
+    for recommendation in recommend(frame, tolerance, confidence):
         say(recommendation.sentence(tolerance))

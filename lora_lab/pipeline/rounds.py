@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from lora_lab.report.selection import CONFIG_KEYS
-from lora_lab.report.verdict import recommend, unsettled_ranks
+from lora_lab.report.verdict import recommend, study_confidence, unsettled_ranks
 
 #: Mantissas a new learning rate is rounded to (in log scale): the usual 1-2-3-5 grids' values.
 NICE_MANTISSAS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0)
@@ -170,7 +170,8 @@ def seed_round(
         seeds: The seeds the study has run so far (of the full finetune).
         max_seeds: `report.max_seeds`.
     """
-    recommendations = recommend(frame, tolerance)
+    # every look at the Bonferroni-split level, as the report judges it (verdict docstring)
+    recommendations = recommend(frame, tolerance, study_confidence(True, max_seeds))
     waiting = tuple(
         (r.method, rank) for r in recommendations for rank in sorted(unsettled_ranks(r, tolerance))
     )

@@ -28,7 +28,7 @@ from lora_lab.report.tables import (
     method_comparison,
     summary_table,
 )
-from lora_lab.report.verdict import DEFAULT_TOLERANCE
+from lora_lab.report.verdict import DEFAULT_MAX_SEEDS, DEFAULT_TOLERANCE, study_confidence
 from lora_lab.results import diverged_mask, normalize_results, ok_mask, ok_runs, read_results
 
 __all__ = ["summary_table", "write_report"]
@@ -79,8 +79,15 @@ def _headline(df: pd.DataFrame) -> list[str]:
         # str() of each value, NaN included, so a row with a missing alpha still has a key.
         keys = lora["rank"].map(str) + "/" + lora["alpha"].map(str)
         keys += "/" + lora["learning_rate"].map(str) + "/" + lora["method"].map(str)
-        means = lora.groupby(keys)[metric].mean()
-        rows = lora[keys == (means.idxmax() if metric == "test_acc" else means.idxmin())]
+        # The best configuration on validation (test data never chooses); without val_acc
+        # (regression), the lowest test loss, as there is nothing else to choose by.
+        by_validation = bool(lora["val_acc"].notna().any())
+        if by_validation:
+            best = lora.groupby(keys)["val_acc"].mean().idxmax()
+        else:
+            means = lora.groupby(keys)[metric].mean()
+            best = means.idxmax() if metric == "test_acc" else means.idxmin()
+        rows = lora[keys == best]
         params = rows["trainable_params"].median()
         share = (
             f" ({100 * params / full_params:.3g}% of full finetune's)" if full_params > 0 else ""
@@ -90,7 +97,8 @@ def _headline(df: pd.DataFrame) -> list[str]:
             format_value(k, rows[k].iloc[0]) for k in (*shown, "rank", "alpha", "learning_rate")
         )
         lines.append(
-            f"- Best LoRA ({config}): {name} {stat(rows[metric])}, "
+            f"- Best LoRA{' on validation' if by_validation else ''} ({config}): {name} "
+            f"{stat(rows[metric])}, "
             f"{params:,.0f} trainable parameters{share}."
         )
     return lines
@@ -145,6 +153,15 @@ def study_tolerance(info: dict) -> float:
     config = info.get("config") if isinstance(info.get("config"), dict) else {}
     value = (config.get("report") or {}).get("tolerance")
     return float(value) if isinstance(value, (int, float)) else DEFAULT_TOLERANCE
+
+
+def study_level(info: dict) -> float:
+    """The one-sided confidence of the study's tests: 95%, split over the looks when its config
+    (study.json) has `sweep.seeds=auto` (a bare table: 95%)."""
+    config = info.get("config") if isinstance(info.get("config"), dict) else {}
+    auto = (config.get("sweep") or {}).get("seeds") == "auto"
+    max_seeds = (config.get("report") or {}).get("max_seeds")
+    return study_confidence(auto, max_seeds if isinstance(max_seeds, int) else DEFAULT_MAX_SEEDS)
 
 
 def _who(row: pd.Series) -> str:
@@ -284,7 +301,8 @@ def write_report(study_dir: str | Path, tolerance: float | None = None) -> Path:
         *[f"> {note}\n" for note in notes],
     ]
     lines += command_and_environment(info)
-    lines += recommended_section(df, study_tolerance(info) if tolerance is None else tolerance)
+    tolerance = study_tolerance(info) if tolerance is None else tolerance
+    lines += recommended_section(df, tolerance, study_level(info))
     headline = _headline(tuned_rows(df)[0])
     if headline:
         lines += ["## Headline", "", *headline, ""]

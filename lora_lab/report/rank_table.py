@@ -15,16 +15,19 @@ from lora_lab.report.verdict import (
     UNSETTLED,
     RankTest,
     Recommendation,
+    level,
     recommend,
     settlement,
 )
 
 
-def rule_sentence(tolerance: float) -> str:
-    """The recommendation rule, in one sentence."""
+def rule_sentence(tolerance: float, confidence: float) -> str:
+    """The recommendation rule, in one sentence (with the level of `sweep.seeds=auto`)."""
+    auto = "" if confidence == 0.95 else " (95% split over the looks of `sweep.seeds=auto`)"
     return (
         "**Rule:** a rank is recommended when it is non-inferior to the full finetune, that is "
-        "when the one-sided 95% Welch upper bound of its gap in mean test accuracy (each side "
+        f"when the one-sided {level(confidence)}{auto} Welch upper bound of its gap in mean "
+        "test accuracy (each side "
         f"at its validation-chosen learning rate, ≥ {MIN_SEEDS} seeds a side) is below the "
         f"tolerance of {100 * tolerance:g} point(s) (`report.tolerance`), testing the ranks that "
         "train fewer parameters than the full finetune as a fixed sequence from the largest "
@@ -77,8 +80,10 @@ def rank_tests_table(recommendation: Recommendation, tolerance: float) -> pd.Dat
                 "seeds (LoRA / full)": f"{test.seeds[0]} / {test.seeds[1]}",
                 "test_acc": f"{test.mean:.4f}",
                 "gap (points)": f"{100 * test.interval.gap:.2f}",
-                "two-sided 95% interval": _interval(test),
-                "one-sided 95% upper bound": "" if math.isnan(upper) else f"{100 * upper:.2f}",
+                f"two-sided {level(recommendation.confidence)} interval": _interval(test),
+                f"one-sided {level(recommendation.confidence)} upper bound": (
+                    "" if math.isnan(upper) else f"{100 * upper:.2f}"
+                ),
                 "verdict": _verdict(test),
                 "settled": _settled(test, tolerance),
                 "seeds needed": _needed(test),
@@ -93,20 +98,21 @@ def _needed(test: RankTest) -> str:
     return "cannot clear" if test.needed is None else f"~{test.needed}"
 
 
-def recommended_section(df: pd.DataFrame, tolerance: float) -> list[str]:
+def recommended_section(df: pd.DataFrame, tolerance: float, confidence: float) -> list[str]:
     """The answer first: the rule, the recommended rank per method, and every rank's test.
 
     Args:
         df: A normalized results table.
         tolerance: `report.tolerance`.
+        confidence: The one-sided confidence of each test (`verdict.study_confidence`).
 
     Returns:
         Markdown lines; [] when the study has no accuracy or no finished full finetune.
     """
-    recommendations = recommend(df, tolerance)
+    recommendations = recommend(df, tolerance, confidence)
     if not recommendations:
         return []
-    lines = ["## Recommended rank", "", rule_sentence(tolerance), ""]
+    lines = ["## Recommended rank", "", rule_sentence(tolerance, confidence), ""]
     lines += [f"- {r.sentence(tolerance)}." for r in recommendations]
     lines.append("")
     for recommendation in recommendations:
@@ -120,7 +126,7 @@ def recommended_section(df: pd.DataFrame, tolerance: float) -> list[str]:
         f"the smallest n ≥ {MIN_SEEDS} seeds per side at which the observed gap's upper bound, "
         "with the observed spreads, would fall below the tolerance; *cannot clear* when the "
         "gap itself is at or above it (or no spread is known). *Settled*: the rank's one-sided "
-        "95% interval clears the tolerance on one side (upper bound below it, or lower bound "
+        "interval clears the tolerance on one side (upper bound below it, or lower bound "
         f"above it, ≥ {MIN_SEEDS} seeds a side); `sweep.seeds=auto` adds seeds until every rank "
         "tested up to the first settled fail is settled, or `report.max_seeds` is reached. "
         "*Full rank* is marked only when "

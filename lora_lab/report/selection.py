@@ -62,7 +62,8 @@ def _choose(group: pd.DataFrame) -> dict[str, object]:
         "learning_rate": chosen,
         "val_acc": means.get(chosen, math.nan),
         "grid": grid,
-        "at_edge": len(grid) >= EDGE_GRID and chosen in (grid[0], grid[-1]),
+        # without validation accuracy (regression) nothing was chosen: no edge to step past
+        "at_edge": len(means) > 0 and len(grid) >= EDGE_GRID and chosen in (grid[0], grid[-1]),
         "ties": _tied_with(chosen, pool.dropna(subset=["val_acc"])),
         "diverged": len(diverged),
     }

@@ -21,6 +21,13 @@ gap − t(0.95, ν)·se, above it (a settled fail), with ≥ 3 seeds a side. A r
 settled when every rank of the sequence, largest first, up to and including the first settled
 fail, is settled (`sweep.seeds=auto` adds seeds until it is).
 
+With `sweep.seeds=auto` the study looks at the verdict after every seed it adds, from 3 seeds
+up to `report.max_seeds`, and stops at the first answer: testing each look at 95% would let a
+rank whose true gap is at the tolerance pass about 13% of the time (simulated, 3 → 10 seeds),
+not 5%. An auto study therefore tests every look at 1 − 0.05/L, with L = max_seeds − 2 looks
+(Bonferroni over the looks, `study_confidence`), so the chance that any look passes such a
+rank stays at most 5%; its report names the level.
+
 Seeds needed: with n seeds on each side and the observed spreads s_f, s_l, the bound of the
 observed gap g is g + t(0.95, ν_n)·sqrt((s_f² + s_l²)/n), ν_n = (n − 1)(s_f² + s_l²)²/(s_f⁴ + s_l⁴).
 The estimate is the smallest n ≥ 3 at which that falls below the tolerance (a side with one
@@ -41,6 +48,7 @@ from lora_lab.report.selection import selected_mask
 DEFAULT_TOLERANCE = 0.01  # one accuracy point
 CONFIDENCE = 0.95
 MIN_SEEDS = 3
+DEFAULT_MAX_SEEDS = 10  # report.max_seeds
 MAX_SEEDS_ESTIMATE = 1000  # past this, "more than 1000" says enough
 
 #: Whether a tested rank's answer is settled (see the module docstring).
@@ -85,12 +93,26 @@ def _variance(values: np.ndarray) -> float:
     return 0.0 if np.ptp(values) == 0 else float(np.var(values, ddof=1))
 
 
-def welch_gap(full: np.ndarray, lora: np.ndarray) -> Gap:
-    """The gap mean(full) − mean(lora) and its one- and two-sided 95% Welch intervals.
+def study_confidence(auto_seeds: bool, max_seeds: int) -> float:
+    """The one-sided confidence of each test: 95%, or with `sweep.seeds=auto` 95% split over
+    its looks at 3, 4, …, `max_seeds` seeds (see the module docstring)."""
+    looks = max(1, max_seeds - MIN_SEEDS + 1)
+    return 1 - (1 - CONFIDENCE) / looks if auto_seeds else CONFIDENCE
+
+
+def level(confidence: float) -> str:
+    """A confidence as the report writes it: 0.95 → "95%", 0.99375 → "99.38%"."""
+    return f"{100 * confidence:.4g}%"
+
+
+def welch_gap(full: np.ndarray, lora: np.ndarray, confidence: float = CONFIDENCE) -> Gap:
+    """The gap mean(full) − mean(lora) with its one-sided `confidence` Welch bounds and the
+    two-sided interval at the same level (95%, 95%-two-sided by default).
 
     Args:
         full: Test accuracies of the full finetune, one per seed, shape [n_f].
         lora: Test accuracies of one rank, one per seed, shape [n_l].
+        confidence: One-sided confidence of `upper` and `lower`.
 
     Returns:
         The gap; bounds are NaN when either side has fewer than 2 seeds (no spread known).
@@ -105,11 +127,13 @@ def welch_gap(full: np.ndarray, lora: np.ndarray) -> Gap:
     df = se**4 / sum(
         part**2 / (len(side) - 1) for part, side in zip(parts, (full, lora), strict=True)
     )
-    one, two = stats.t.ppf(CONFIDENCE, df), stats.t.ppf(1 - (1 - CONFIDENCE) / 2, df)
+    one, two = stats.t.ppf(confidence, df), stats.t.ppf(1 - (1 - confidence) / 2, df)
     return Gap(gap, float(gap + one * se), float(gap - two * se), float(gap + two * se), float(df))
 
 
-def seeds_needed(full: np.ndarray, lora: np.ndarray, tolerance: float) -> int | None:
+def seeds_needed(
+    full: np.ndarray, lora: np.ndarray, tolerance: float, confidence: float = CONFIDENCE
+) -> int | None:
     """Seeds per side at which the observed gap's upper bound would clear `tolerance`.
 
     Args:
@@ -135,7 +159,7 @@ def seeds_needed(full: np.ndarray, lora: np.ndarray, tolerance: float) -> int | 
         return MIN_SEEDS
     for n in range(MIN_SEEDS, MAX_SEEDS_ESTIMATE + 1):
         df = (n - 1) * total**2 / (var_full**2 + var_lora**2)
-        if gap + stats.t.ppf(CONFIDENCE, df) * math.sqrt(total / n) < tolerance:
+        if gap + stats.t.ppf(confidence, df) * math.sqrt(total / n) < tolerance:
             return n
     return None
 
@@ -206,6 +230,7 @@ class Recommendation:
         full_mean: The tuned full finetune's mean test accuracy.
         full_params: The full finetune's trainable parameters.
         tests: Every rank's test, largest rank first (the order of the sequence).
+        confidence: The one-sided confidence of every test (`study_confidence`).
     """
 
     method: str
@@ -213,6 +238,7 @@ class Recommendation:
     full_mean: float
     full_params: float
     tests: tuple[RankTest, ...]
+    confidence: float = CONFIDENCE
 
     @property
     def chosen(self) -> RankTest | None:
@@ -233,23 +259,25 @@ class Recommendation:
             share = 100 * chosen.params / self.full_params if self.full_params else math.nan
             text = (
                 f"{head}: r={chosen.rank}: {_points(chosen.interval.gap)} points below the full "
-                f"finetune ({self.full_mean:.4f}), one-sided 95% upper bound "
+                f"finetune ({self.full_mean:.4f}), one-sided {level(self.confidence)} upper bound "
                 f"{_points(chosen.interval.upper)} < {margin} ({chosen.seeds[0]} vs "
                 f"{chosen.seeds[1]} seeds); {chosen.params:,.0f} trainable parameters, "
                 f"{share:.3g}% of the full finetune's {self.full_params:,.0f}"
             )
-            return text + (
-                "" if stop is None else f"; the sequence stopped at {_why(stop, margin)}"
-            )
+            why = "" if stop is None else _why(stop, margin, self.confidence)
+            return text + (f"; the sequence stopped at {why}" if why else "")
         if stop is None:
             return f"{head}: none; no rank trains fewer parameters than the full finetune"
-        return f"{head}: none; the sequence stopped at its first rank, {_why(stop, margin)}"
+        why = _why(stop, margin, self.confidence)
+        return f"{head}: none; the sequence stopped at its first rank, {why}"
 
 
-def _why(test: RankTest, margin: str) -> str:
+def _why(test: RankTest, margin: str, confidence: float) -> str:
     """Why the sequence stopped at `test`, in a clause."""
     seeds = f"{test.seeds[0]} vs {test.seeds[1]} seeds"
-    estimate = f"{_points(test.interval.gap)} points below (one-sided 95% upper bound "
+    estimate = (
+        f"{_points(test.interval.gap)} points below (one-sided {level(confidence)} upper bound "
+    )
     estimate += f"{_points(test.interval.upper)}, {seeds})"
     if test.verdict == FAIL:
         return f"r={test.rank}: {estimate}, not below {margin}"
@@ -261,16 +289,21 @@ def _why(test: RankTest, margin: str) -> str:
 
 
 def _sequence(
-    method: str, runs: pd.DataFrame, full: np.ndarray, full_params: float, tolerance: float
+    method: str,
+    runs: pd.DataFrame,
+    full: np.ndarray,
+    full_params: float,
+    tolerance: float,
+    confidence: float,
 ) -> Recommendation:
     """Test one method's ranks, largest first, and stop at the first that fails."""
-    by_rank = {int(rank): group for rank, group in runs.groupby("rank")}
+    by_rank = {int(rank): _best_alpha(group) for rank, group in runs.groupby("rank")}
     params = {rank: float(group["trainable_params"].median()) for rank, group in by_rank.items()}
     proven = full_rank_ranks(params)
     tests, recommended, stopped = [], None, False
     for rank in sorted(by_rank, reverse=True):
         values = by_rank[rank]["test_acc"].to_numpy(dtype=float)
-        interval = welch_gap(full, values)
+        interval = welch_gap(full, values, confidence)
         if params[rank] >= full_params:  # NaN compares False: unknown counts are not refused
             verdict = NO_SAVING
         elif stopped:
@@ -281,21 +314,37 @@ def _sequence(
             verdict, recommended = PASS, rank
         else:
             verdict, stopped = FAIL, True
-        needed = None if verdict == PASS else seeds_needed(full, values, tolerance)
+        needed = None if verdict == PASS else seeds_needed(full, values, tolerance, confidence)
         seeds = (len(values), len(full))
         tests.append(
             RankTest(rank, float(values.mean()), interval, seeds, params[rank],
                      rank in proven, verdict, needed)
         )  # fmt: skip
-    return Recommendation(method, recommended, float(full.mean()), full_params, tuple(tests))
+    full_mean = float(full.mean())
+    return Recommendation(method, recommended, full_mean, full_params, tuple(tests), confidence)
 
 
-def recommend(df: pd.DataFrame, tolerance: float = DEFAULT_TOLERANCE) -> list[Recommendation]:
+def _best_alpha(group: pd.DataFrame) -> pd.DataFrame:
+    """One rank's rows at one α: with an α grid, the α whose chosen rows have the best mean
+    val_acc (validation decides, as for learning rates; a table without val_acc takes the
+    smallest α); seeds are never pooled across α."""
+    if group["alpha"].nunique(dropna=False) <= 1:
+        return group
+    if group["val_acc"].isna().all():
+        return group[group["alpha"] == group["alpha"].min()]
+    best = group.groupby("alpha")["val_acc"].mean().idxmax()
+    return group[group["alpha"] == best]
+
+
+def recommend(
+    df: pd.DataFrame, tolerance: float = DEFAULT_TOLERANCE, confidence: float = CONFIDENCE
+) -> list[Recommendation]:
     """The recommended rank of each method (see the module docstring), from the tuned rows.
 
     Args:
         df: A normalized results table (`selected` is recomputed here from val_acc).
         tolerance: The non-inferiority margin (0.01 = 1 point of test accuracy).
+        confidence: The one-sided confidence of each test (`study_confidence`).
 
     Returns:
         One recommendation per method; [] for a study without accuracy or without a finished
@@ -311,7 +360,7 @@ def recommend(df: pd.DataFrame, tolerance: float = DEFAULT_TOLERANCE) -> list[Re
     full_params = float(full_rows["trainable_params"].median())
     lora = tuned[tuned["stage"] == "lora"].dropna(subset=["rank", "test_acc"])
     return [
-        _sequence(str(method), runs, full, full_params, tolerance)
+        _sequence(str(method), runs, full, full_params, tolerance, confidence)
         for method, runs in lora.groupby("method", sort=False)
     ]
 

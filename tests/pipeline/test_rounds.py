@@ -93,6 +93,8 @@ def test_an_edge_choice_gets_one_step_up_to_lr_extend():
     assert grid_extensions(chosen, tried, configured, lr_extend=0) == []
     # one value added already: a second is allowed with lr_extend=2, not with 1
     tried[key_of[4]] = {*grid, 0.1}
+    (second,) = grid_extensions(chosen, tried, configured, lr_extend=2)
+    assert second.key == key_of[4] and second.step == 2
     assert grid_extensions(chosen, tried, configured, lr_extend=1) == []
     # the step was tried before (it diverged, so the grid of finished runs lacks it): not again
     tried[key_of[4]] = {*grid, 3e-2}

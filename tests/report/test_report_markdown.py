@@ -9,7 +9,9 @@ import pandas as pd
 import pytest
 
 from lora_lab.report import write_report
+from lora_lab.report.markdown import _headline
 from tests.report.fakes import assert_png, make_regression_results, make_results
+from tests.report.test_report_selection import full, lora, table
 
 PLOTS = ("accuracy_vs_rank.png", "accuracy_vs_params.png", "curves.png", "per_class.png")
 
@@ -175,3 +177,11 @@ def test_odd_tables_render_without_any_plot_failing(tmp_path: Path, name: str) -
     assert "_Not drawn:" not in report
     for png in tmp_path.glob("*.png"):
         assert_png(png)
+
+
+def test_the_headlines_best_lora_is_chosen_on_validation_never_on_test():
+    rows = [full(1e-3, s, 0.9, 0.95) for s in range(3)]
+    rows += [lora(4, 1e-3, s, val=0.91, test=0.90, params=10) for s in range(3)]
+    rows += [lora(8, 1e-3, s, val=0.85, test=0.94, params=20) for s in range(3)]  # best on test
+    text = "\n".join(_headline(table(rows)))
+    assert "Best LoRA on validation (r=4" in text and "r=8" not in text

@@ -26,6 +26,7 @@ from lora_lab.report.verdict import (
     UNSETTLED,
     recommend,
     settlement,
+    study_confidence,
     unsettled_ranks,
     welch_gap,
 )
@@ -133,7 +134,7 @@ def test_fewer_than_three_seeds_give_the_estimate_and_the_seeds_needed():
     sentence = result.sentence(0.01)
     assert "r=8, too few seeds for a test (≥ 3 a side): 0.60 points below" in sentence
     assert "2 vs 2 seeds" in sentence and "about 4 seeds per side would settle it" in sentence
-    text = "\n".join(recommended_section(_few(), 0.01))
+    text = "\n".join(recommended_section(_few(), 0.01, 0.95))
     assert "| 8 | 1,000 (1.82%) | 2 / 2 |" in text and "| ~4 |" in text
     assert "| too few seeds |" in text and "cannot clear" in text
 
@@ -159,7 +160,7 @@ def test_a_rank_with_as_many_parameters_as_the_full_finetune_is_never_recommende
     )
     rows = [lora(64, 0.001, s, 0.5, t, params=55050) for s, t in enumerate(full_accs)]
     rows += [full(0.001, s, 0.5, t) for s, t in enumerate(full_accs)]
-    text = "\n".join(recommended_section(table(rows), 0.01))
+    text = "\n".join(recommended_section(table(rows), 0.01, 0.95))
     assert "never: as many trainable parameters as the full finetune, or more" in text
 
 
@@ -171,7 +172,7 @@ def test_full_rank_is_marked_only_where_the_parameter_counts_prove_it():
     rows += [full(0.001, s, 0.5, 0.9) for s in range(3)]
     (result,) = recommend(table(rows), 0.01)
     assert {t.rank: t.full_rank for t in result.tests} == {600: True, 8: False}
-    assert "| 600 (full rank) |" in "\n".join(recommended_section(table(rows), 0.01))
+    assert "| 600 (full rank) |" in "\n".join(recommended_section(table(rows), 0.01, 0.95))
 
 
 def test_identical_seeds_raise_no_warning_and_still_state_an_interval():
@@ -184,7 +185,7 @@ def test_identical_seeds_raise_no_warning_and_still_state_an_interval():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         result = recommendation({4: [0.945] * 3, 2: [0.943, 0.944, 0.945]}, [0.95] * 3)
-        text = "\n".join(recommended_section(_collapsed(), 0.01))
+        text = "\n".join(recommended_section(_collapsed(), 0.01, 0.95))
     tests = by_rank(result)
     assert tests[4].interval.upper == pytest.approx(0.005) and tests[4].verdict == PASS
     assert tests[4].interval.low == tests[4].interval.high == tests[4].interval.gap
@@ -255,5 +256,49 @@ def test_the_unsettled_ranks_run_down_the_sequence_to_the_first_settled_fail():
     result = recommendation(ranks, SETTLE_FULL)
     assert unsettled_ranks(result, 0.01) == (16, 4)  # r=1 waits behind r=2's settled fail
     assert unsettled_ranks(recommendation({8: TIGHT, 4: FAR}, SETTLE_FULL), 0.01) == ()
-    section = "\n".join(recommended_section(table_of(ranks), 0.01))
+    section = "\n".join(recommended_section(table_of(ranks), 0.01, 0.95))
     assert "| settled |" in section and "*Settled*" in section
+
+
+def _false_passes(confidence: float, trials: int = 1500) -> float:
+    """How often a rank whose true gap equals the tolerance (1 point) passes at some look of
+    an auto study that adds one seed a side from 3 to 10 and stops at the first pass
+    (spread 0.4 points a run; a fixed random stream, so the figure is reproducible)."""
+    generator = np.random.default_rng(0)
+    passed = 0
+    for _ in range(trials):
+        full = generator.normal(0.95, 0.004, 10)
+        lora = generator.normal(0.94, 0.004, 10)  # 1 point below: not non-inferior
+        passed += any(welch_gap(full[:n], lora[:n], confidence).upper < 0.01 for n in range(3, 11))
+    return passed / trials
+
+
+def test_auto_seeds_keep_the_false_pass_rate_at_5_percent():
+    """Looking after every added seed at 95% each lets a rank at the margin through far more
+    than 5% of the time; the auto study's level, 95% split over its 8 looks, does not."""
+    assert study_confidence(False, 10) == 0.95
+    assert study_confidence(True, 10) == pytest.approx(1 - 0.05 / 8)
+    assert _false_passes(0.95) > 0.08
+    assert _false_passes(study_confidence(True, 10)) <= 0.05
+
+
+def test_an_auto_studys_report_names_its_level():
+    rows = [full(1e-3, s, 0.9, 0.950 + d) for s, d in enumerate((0.0, 0.001, -0.001))]
+    rows += [lora(8, 1e-3, s, 0.9, 0.948 + d, params=100) for s, d in enumerate((0, 1e-3, -1e-3))]
+    level = study_confidence(True, 10)
+    text = "\n".join(recommended_section(table(rows), 0.01, level))
+    assert "one-sided 99.38% (95% split over the looks of `sweep.seeds=auto`)" in text
+    (recommendation,) = recommend(table(rows), 0.01, level)
+    assert "one-sided 99.38% upper bound" in recommendation.sentence(0.01)
+
+
+def test_seeds_of_different_alphas_are_never_pooled():
+    """With an α grid, each rank is tested at the α that validation prefers, its seeds only."""
+    rows = [full(1e-3, s, 0.9, 0.950 + d) for s, d in enumerate((0.0, 0.001, -0.001))]
+    for s, d in enumerate((0.0, 0.001, -0.001)):
+        good = lora(8, 1e-3, s, 0.92, 0.949 + d, params=100)
+        bad = {**lora(8, 1e-3, s, 0.80, 0.900 + d, params=100), "alpha": 1}
+        rows += [good, bad]
+    (recommendation,) = recommend(table(rows), 0.01)
+    (test,) = recommendation.tests
+    assert test.seeds == (3, 3) and test.mean == pytest.approx(0.949)
