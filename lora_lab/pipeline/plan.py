@@ -155,7 +155,28 @@ def plan(cfg: DictConfig) -> list[PlannedRun]:
             "check sweep.ranks, sweep.alphas, sweep.learning_rates, sweep.methods and "
             "sweep.seeds for repeats"
         )
+    _check_one_split(runs)
     return runs
+
+
+def _check_one_split(runs: list[PlannedRun]) -> None:
+    """Every stage validates on one split of one dataset, which no stage trains on: a stage's
+    own `data` may not change the dataset, `val_size` or `split_seed`.
+
+    Raises:
+        StudyError: naming the stage, the key and both values.
+    """
+    keys = ("name", "val_size", "split_seed")
+    first = runs[0]
+    for run in runs[1:]:
+        for key in keys:
+            mine, theirs = run.cfg.data.get(key), first.cfg.data.get(key)
+            if mine != theirs:
+                raise StudyError(
+                    f"stages.{run.stage}.data.{key}={mine!r} differs from the {first.stage} "
+                    f"stage's {theirs!r}: every stage must validate on one split, which no "
+                    f"stage trains on; set data.{key} for the whole study instead"
+                )
 
 
 def _methods(cfg: DictConfig) -> list[str | None]:

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from hydra.utils import instantiate
 
+from lora_lab.pipeline.plan import StudyError, plan
 from lora_lab.pipeline.run_config import stage_config
 from tests.pipeline.study_config import composed, tiny_study_overrides
 
@@ -46,3 +48,11 @@ def test_the_split_seed_moves_the_split_and_the_run_seed_does_not(tmp_path: Path
     assert splits(cfg, "lora", 5)[1] == val
     other = composed(*tiny_study_overrides(tmp_path), "data.split_seed=1")
     assert splits(other, "lora", 0)[1] != val
+
+
+@pytest.mark.parametrize("override", ["split_seed=3", "val_size=50"])
+def test_a_stage_cannot_validate_on_a_split_of_its_own(tmp_path: Path, override: str):
+    cfg = composed(*tiny_study_overrides(tmp_path), f"+stages.lora.data.{override}")
+    key = override.split("=")[0]
+    with pytest.raises(StudyError, match=rf"stages\.lora\.data\.{key}=.* every stage must"):
+        plan(cfg)
