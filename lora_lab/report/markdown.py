@@ -179,9 +179,16 @@ def _choice_notes(chosen: pd.DataFrame) -> list[str]:
             if row["learning_rate"] == row["grid"][0]
             else ("largest", "above")
         )
+        past = [v for v in row["failed_lrs"] if (v > row["learning_rate"]) == (side == "above")]
+        beyond = f"the best learning rate may lie {side} it"
+        if past:  # the step past the edge was tried and no seed of it finished
+            nearest = min(past) if side == "above" else max(past)
+            beyond = (
+                f"lr={nearest:g}, {side} it, was tried and did not finish: the best may lie between"
+            )
         notes.append(
             f"- **At the edge of the grid:** {_who(row)} lr={row['learning_rate']:g} is the "
-            f"grid's {end}: a bound, not an optimum (the best learning rate may lie {side} it)."
+            f"grid's {end}: a bound, not an optimum ({beyond})."
         )
     for _, row in chosen[chosen["ties"].map(len) > 0].iterrows():
         others = ", ".join(f"{v:g}" for v in row["ties"])

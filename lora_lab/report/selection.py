@@ -66,6 +66,8 @@ def _choose(group: pd.DataFrame) -> dict[str, object]:
         "at_edge": len(means) > 0 and len(grid) >= EDGE_GRID and chosen in (grid[0], grid[-1]),
         "ties": _tied_with(chosen, pool.dropna(subset=["val_acc"])),
         "diverged": len(diverged),
+        # tried, but no seed finished: a step past an edge that diverged, say
+        "failed_lrs": sorted(set(group["learning_rate"].dropna()) - set(grid)),
     }
 
 
@@ -93,6 +95,7 @@ def chosen_learning_rates(df: pd.DataFrame) -> pd.DataFrame:
         first = group.iloc[0]
         rows.append({**{key: first[key] for key in CONFIG_KEYS}, **_choose(group)})
     columns = [*CONFIG_KEYS, "learning_rate", "val_acc", "grid", "at_edge", "ties", "diverged"]
+    columns.append("failed_lrs")
     return pd.DataFrame(rows, columns=columns)
 
 

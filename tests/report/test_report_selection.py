@@ -117,3 +117,10 @@ def test_diverged_runs_never_win_a_choice_and_are_counted():
     assert (
         chosen_learning_rates(table(rows)).set_index("stage").loc["lora", "learning_rate"] == 0.01
     )
+
+
+def test_an_edge_choice_says_when_the_step_past_it_diverged():
+    rows = [lora(4, lr, s, val=0.8 + lr, test=0.8) for lr in (0.001, 0.01) for s in range(2)]
+    rows += [lora(4, 0.1, s, val=0.2, test=0.2, status="diverged") for s in range(2)]
+    (row,) = chosen_learning_rates(table(rows)).itertuples()
+    assert row.at_edge and row.learning_rate == 0.01 and row.failed_lrs == [0.1]
