@@ -30,7 +30,7 @@ from lora_lab.pipeline.plan import AUTO, PlannedRun, variant
 from lora_lab.pipeline.progress import Progress
 from lora_lab.pipeline.rounds import Key, grid_extensions, seed_round
 from lora_lab.report.selection import CONFIG_KEYS, chosen_learning_rates, config_keys
-from lora_lab.results import find_results, normalize_results, results_frame
+from lora_lab.results import DIVERGED, find_results, normalize_results, results_frame
 
 DEFAULT_MAX_SEEDS = 10
 
@@ -90,12 +90,16 @@ def _seed_round(cfg: DictConfig, frame: pd.DataFrame, runs: list[PlannedRun]) ->
     say(decision.line())
     if decision.next_seed is None:
         return []
+    status = dict(zip(frame["run_id"], frame["status"], strict=True))
     added = []
     for key, group in configurations(frame, runs).items():
         template = group[0]
         if key[0] == "lora" and (key[1], template.rank) not in decision.waiting:
             continue
         for learning_rate in dict.fromkeys(run.learning_rate for run in group):
+            at_lr = [run for run in group if run.learning_rate == learning_rate]
+            if all(status.get(run.run_id) == DIVERGED for run in at_lr):
+                continue  # every seed of it diverged: it is never chosen, a new seed is waste
             added.append(variant(cfg, template, runs[0], decision.next_seed, learning_rate))
     return added
 
