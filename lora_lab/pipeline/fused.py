@@ -43,7 +43,7 @@ from lora_lab.pipeline.checkpointing import (
 )
 from lora_lab.pipeline.console import progress_options, say
 from lora_lab.pipeline.cpu import ThreadChooser, retain_freed_memory
-from lora_lab.pipeline.fusion import describe, fusable
+from lora_lab.pipeline.fusion import Grouping, describe, fusable
 from lora_lab.pipeline.plan import PlannedRun
 from lora_lab.pipeline.progress import Progress
 from lora_lab.pipeline.record import (
@@ -71,6 +71,7 @@ def run_fused(
     pretrained: Path,
     env: dict[str, Any],
     progress: Progress | None = None,
+    grouping: Grouping | None = None,
 ) -> tuple[list[RunResult], list[PlannedRun]]:
     """Train every fusable group of `runs`; say in one line why any other run is not fused.
 
@@ -81,12 +82,13 @@ def run_fused(
         env: The environment recorded with each result.
         progress: The study's progress, told as each pass starts and ends (and which runs
             it finished); None: each pass is said alone.
+        grouping: `fusion.fusable(runs)`, where the caller has it already; None: found here.
 
     Returns:
         The result rows of the fused runs (already recorded), and the runs left to run
         sequentially (not fusable, or in a group that failed to build), in plan order.
     """
-    groups, alone = fusable(runs)
+    groups, alone = fusable(runs) if grouping is None else grouping
     for reason, items in itertools.groupby(alone, key=lambda item: item[1]):
         skipped = [run for run, _ in items]
         how = "it runs on its own" if len(skipped) == 1 else "they run one after another"
@@ -119,7 +121,11 @@ def run_fused(
 
 
 def train_fused(
-    indices: Sequence[int], progress: Progress, pretrained: Path, env: dict[str, Any]
+    indices: Sequence[int],
+    progress: Progress,
+    pretrained: Path,
+    env: dict[str, Any],
+    grouping: Grouping | None = None,
 ) -> list[int]:
     """The study's step: train the planned LoRA runs at `indices` in fused groups.
 
@@ -128,12 +134,14 @@ def train_fused(
         progress: The study's progress; told as each fused run ends.
         pretrained: The pretrain checkpoint the runs start from.
         env: The environment recorded with each result.
+        grouping: `fusion.fusable` of those runs, where the caller has it already.
 
     Returns:
         The positions of the runs left to run on their own, in plan order.
     """
     runs = progress.runs
-    _, alone = run_fused([runs[i] for i in indices], progress.study_dir, pretrained, env, progress)
+    todo = [runs[i] for i in indices]
+    _, alone = run_fused(todo, progress.study_dir, pretrained, env, progress, grouping)
     position = {id(runs[i]): i for i in indices}
     return [position[id(run)] for run in alone]
 

@@ -81,9 +81,11 @@ def _unsupported(run_cfg: DictConfig) -> str | None:
     return None
 
 
-def fusable(
-    runs: Sequence[PlannedRun],
-) -> tuple[list[list[PlannedRun]], list[tuple[PlannedRun, str]]]:
+#: `fusable`'s answer: the groups that train fused, and each other run with its reason.
+Grouping = tuple[list[list[PlannedRun]], list[tuple[PlannedRun, str]]]
+
+
+def fusable(runs: Sequence[PlannedRun]) -> Grouping:
     """Split runs into groups that train fused and runs that must run alone, with the reason.
 
     Args:

@@ -105,8 +105,9 @@ def train_runs(
     pretrain = [i for i in indices if runs[i].stage == "pretrain"]
     others = [i for i in indices if runs[i].stage == "full_finetune"]
     lora = [i for i in indices if runs[i].stage == "lora"]
-    if cfg.sweep.get("fused", False):  # the time left counts these runs as passes
-        progress.expect_passes(fusable([runs[i] for i in lora])[0])
+    grouping = fusable([runs[i] for i in lora]) if cfg.sweep.get("fused", False) else None
+    if grouping is not None:  # the time left counts these runs as passes
+        progress.expect_passes(grouping[0])
 
     run_sequential(pretrain, progress, env, target_data=stage_config(cfg, "lora").data)
     if "pretrain" in progress.failed + progress.diverged:  # no weights to start from
@@ -116,8 +117,8 @@ def train_runs(
     if jobs == 1:
         run_sequential(others, progress, env, pretrained=pretrained)
         others = []
-    if cfg.sweep.get("fused", False):
-        lora = train_fused(lora, progress, pretrained, env)
+    if grouping is not None:
+        lora = train_fused(lora, progress, pretrained, env, grouping)
     if jobs == 1:
         run_sequential(lora, progress, env, pretrained=pretrained)
     else:
