@@ -44,13 +44,21 @@ from lora_lab.results import RESULT_FILE, read_result
 log = logging.getLogger(__name__)
 
 
+def with_dropout(run: PlannedRun) -> bool:
+    """Whether a run draws dropout masks (`lora.dropout` or `model.dropout` above 0): in a pass
+    they come from the pass's random stream, alone from the run's, so the twins differ by
+    design and are never compared."""
+    cfg = run.cfg
+    return any(float(node.get("dropout") or 0) > 0 for node in (cfg.lora, cfg.model))
+
+
 def fused_twins(study_dir: Path, runs: list[PlannedRun]) -> list[tuple[PlannedRun, dict]]:
-    """The planned LoRA runs that finished `ok` in a fused pass of 2 or more runs, with their
-    result records, in run-id order."""
+    """The planned LoRA runs without dropout that finished `ok` in a fused pass of 2 or more
+    runs, with their result records, in run-id order."""
     found: dict[str, tuple[PlannedRun, dict]] = {}
     for run in runs:
         path = study_dir / "runs" / run.run_id / RESULT_FILE
-        if run.stage != "lora" or not path.is_file():
+        if run.stage != "lora" or not path.is_file() or with_dropout(run):
             continue
         try:
             found[run.run_id] = (run, read_result(path))
@@ -177,7 +185,9 @@ def certify(
     if count > 0:
         twins = fused_twins(study_dir, runs)
         if not twins:
-            certificate["note"] = "no run finished in a fused pass of 2 or more runs"
+            certificate["note"] = (
+                "no run without dropout finished in a fused pass of 2 or more runs"
+            )
         chosen = choose(twins, count, int(cfg.seed))
         earlier = (read_certificate(study_dir) or {}).get("members") or []
         kept = {entry.get("run_id"): entry for entry in earlier if isinstance(entry, dict)}

@@ -10,6 +10,7 @@ from typing import Any
 import pandas as pd
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from lora_lab.cli import main
 from lora_lab.lora import lora_layers
@@ -99,13 +100,15 @@ def test_verify_0_retrains_nothing(
 
 def test_members_are_drawn_with_the_study_seed_from_passes_of_two_or_more(tmp_path: Path):
     passes = {"a": "fused_1", "b": "fused_1", "c": "fused_2", "d": "fused_2"}
-    passes |= {"e": "e", "f": "fused_3"}  # e trained alone, f in a pass of one
+    passes |= {"e": "e", "f": "fused_3", "g": "fused_1"}  # e trained alone, f in a pass of one
     runs = []
     for run_id, pass_id in passes.items():
         status = "diverged" if run_id == "d" else "ok"  # d still counts in c's pass of two
         record = {"run_id": run_id, "stage": "lora", "pass": pass_id, "status": status}
         write_result(tmp_path / "runs" / run_id, record)
-        runs.append(PlannedRun(stage="lora", rank=1, seed=0, run_id=run_id))
+        dropout = 0.1 if run_id == "g" else 0.0  # its masks differ fused: never compared
+        cfg = OmegaConf.create({"lora": {"dropout": dropout}, "model": {"dropout": 0.0}})
+        runs.append(PlannedRun(stage="lora", rank=1, seed=0, cfg=cfg, run_id=run_id))
     twins = certificate.fused_twins(tmp_path, runs)
     assert [run.run_id for run, _ in twins] == ["a", "b", "c"]
     draws = {seed: certificate.choose(twins, 1, seed) for seed in range(20)}
