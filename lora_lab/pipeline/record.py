@@ -145,10 +145,9 @@ def finished_result(
         pretrained: The weights the run started from.
         artefact: The adapter folder or weights file the run saved, relative to the study.
         pass_id: The training pass that trained it; "" for a run trained on its own.
-        val_acc: The validation accuracy after the last epoch (what learning rates are chosen
-            by; None for regression).
+        val_acc: The last epoch's validation accuracy (learning rates are chosen by it).
     """
-    stage, run_id = run_cfg.stage, run_cfg.run_id
+    stage, run_id, lora = run_cfg.stage, run_cfg.run_id, run_cfg.stage == "lora"
     counts = count_parameters(module.network)
     fingerprint = getattr(datamodule, "fingerprint", None)
     delta_error = relative_delta_error(module, datamodule, pretrained)
@@ -156,11 +155,11 @@ def finished_result(
     return RunResult(
         run_id=run_id,
         stage=stage,
-        rank=int(run_cfg.lora.rank) if stage == "lora" else None,
-        alpha=float(run_cfg.lora.alpha) if stage == "lora" else None,
+        rank=int(run_cfg.lora.rank) if lora else None,
+        alpha=float(run_cfg.lora.alpha) if lora else None,
         seed=int(run_cfg.seed),
         learning_rate=float(run_cfg.module.optimizer.lr),
-        method=method_of(run_cfg.lora) if stage == "lora" else None,
+        method=method_of(run_cfg.lora) if lora else None,
         trainable_params=counts["trainable"],
         total_params=counts["total"],
         val_acc=None if val_acc is None else float(val_acc),

@@ -10,6 +10,7 @@ import pandas as pd
 
 from lora_lab._atomic import atomic_write_text
 from lora_lab.report import plots
+from lora_lab.report.certificate import certificate_section
 from lora_lab.report.confusion import CONFUSION_PNG, write_confusion
 from lora_lab.report.curves import metrics_path
 from lora_lab.report.forgetting import forgetting_section
@@ -329,5 +330,6 @@ def write_report(study_dir: str | Path, tolerance: float | None = None) -> Path:
         lines += ["## Failed runs", "", "Diverged runs are listed too.", "", markdown_table(errors)]
     lines += _draw_plots(study, df)
     lines += analysis_section(study)
+    lines += certificate_section(study)
     lines += config_section(study)
     return atomic_write_text(study / REPORT_FILE, "\n".join(lines).rstrip() + "\n")
