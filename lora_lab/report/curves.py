@@ -18,6 +18,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from lora_lab._atomic import atomic_write_text
 from lora_lab.plotting import (
     FULL_FINETUNE_COLOR,
     PRETRAIN_COLOR,
@@ -28,7 +29,7 @@ from lora_lab.plotting import (
 )
 from lora_lab.report.figures import figure_legend
 from lora_lab.report.labels import config_label, varying_lora_dims
-from lora_lab.report.selection import tuned_rows
+from lora_lab.report.selection import selected_mask, tuned_rows
 from lora_lab.results import normalize_results, ok_runs, sort_by_stage
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,11 @@ METRICS_FILE = Path("logs") / "metrics.csv"
 SPLITS = {"train": "train", "val": "validation"}
 QUANTITIES = {"loss": "loss", "acc": "accuracy"}
 CURVE_COLUMNS = ["run_id", "config", "seed", "epoch", "split", "quantity", "value"]
+#: The study's committed per-epoch curves of its finetune runs (`study_curves`).
+CURVES_FILE = "curves.csv"
+IDENTITY_COLUMNS = ["run_id", "stage", "method", "rank", "alpha", "learning_rate", "seed"]
+VALUE_COLUMNS = ["train_loss", "train_acc", "val_loss", "val_acc"]
+CURVES_FILE_COLUMNS = [*IDENTITY_COLUMNS, "selected", "epoch", *VALUE_COLUMNS]
 
 
 def metrics_path(study_dir: str | Path, run_dir: str) -> Path | None:
@@ -191,3 +197,38 @@ def plot_curves(study_dir: str | Path, df: pd.DataFrame, path: str | Path) -> Pa
     with theme():
         fig = draw_curves(study_dir, df)
         return None if fig is None else save_figure(fig, path)
+
+
+def curves_file_table(study_dir: str | Path, df: pd.DataFrame) -> pd.DataFrame:
+    """Every finished finetune run's curves, one row per run and epoch (`CURVES_FILE_COLUMNS`).
+
+    `epoch` is Lightning's 0-based epoch index: each value is the one logged at the end of
+    that epoch. `selected` marks the runs at their configuration's chosen learning rate.
+    """
+    df = normalize_results(df)
+    finetune = df[df["stage"].isin(["full_finetune", "lora"])]
+    finetune = finetune.assign(selected=selected_mask(df)[finetune.index])
+    long, _missing = collect_curves(study_dir, finetune)
+    if long.empty:
+        return pd.DataFrame(columns=CURVES_FILE_COLUMNS)
+    long = long.assign(name=long["split"].map({v: k for k, v in SPLITS.items()}) + "_"
+                       + long["quantity"].map({v: k for k, v in QUANTITIES.items()}))  # fmt: skip
+    wide = long.pivot_table(index=["run_id", "epoch"], columns="name", values="value")
+    wide = wide.reset_index().merge(finetune[[*IDENTITY_COLUMNS, "selected"]], on="run_id")
+    wide = wide.reindex(columns=CURVES_FILE_COLUMNS)
+    return sort_by_stage(wide, then=("method", "epoch"))
+
+
+def study_curves(study_dir: str | Path, df: pd.DataFrame) -> pd.DataFrame:
+    """The study's per-epoch curves: gathered from the runs' logs and written to
+    `<study>/curves.csv`; where no run has a log (a committed study folder holds no logs),
+    the `curves.csv` already there, unchanged. Empty when there is neither."""
+    study = Path(study_dir)
+    table = curves_file_table(study, df)
+    target = study / CURVES_FILE
+    if not table.empty:
+        atomic_write_text(target, table.to_csv(index=False))
+        return table
+    if target.is_file():
+        return pd.read_csv(target, dtype={"run_id": str, "stage": str, "method": str})
+    return table

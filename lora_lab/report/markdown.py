@@ -11,8 +11,9 @@ import pandas as pd
 from lora_lab._atomic import atomic_write_text
 from lora_lab.report import plots
 from lora_lab.report.certificate import certificate_section
+from lora_lab.report.claims import claims_section
 from lora_lab.report.confusion import CONFUSION_PNG, write_confusion
-from lora_lab.report.curves import metrics_path
+from lora_lab.report.curves import metrics_path, study_curves
 from lora_lab.report.forgetting import forgetting_section
 from lora_lab.report.labels import format_value, main_metric, varying_lora_dims
 from lora_lab.report.lr_heatmap import HEATMAP_FILE, plot_lr_heatmap
@@ -320,6 +321,7 @@ def write_report(study_dir: str | Path, tolerance: float | None = None) -> Path:
     if headline:
         lines += ["## Headline", "", *headline, ""]
     lines += _methods_section(df)
+    lines += claims_section(df, study_curves(study, df), tolerance)
     lines += _learning_rate_section(df)
     lines += _results_section(df)
     if not failed.empty:
