@@ -112,12 +112,37 @@ def collect_curves(study_dir: str | Path, df: pd.DataFrame) -> tuple[pd.DataFram
     return curves, missing
 
 
-def _palette(configs: list[str]) -> dict[str, object]:
-    """Fixed colours for pretrain/full finetune; LoRA configurations coloured in rank order."""
+def _palette(configs: list[str], methods: dict[str, str] | None = None) -> dict[str, object]:
+    """Fixed colours for pretrain/full finetune; LoRA configurations coloured in rank order,
+    or, with `methods` (configuration → method, when methods vary), one hue per method in
+    shades by rank (lighter: smaller rank)."""
     lora = [c for c in configs if c.startswith("LoRA")]
     colors: dict[str, object] = dict(zip(lora, sequential_colors(lora), strict=False))
+    if methods:
+        names = sorted(set(methods.values()), key=lambda m: (m != "default", m))
+        for method, base in zip(names, sns.color_palette("colorblind", len(names)), strict=True):
+            own = [c for c in lora if methods.get(c) == method]
+            shades = sns.light_palette(base, n_colors=len(own) + 2)[2:]
+            colors.update(zip(own, shades, strict=True))
     colors.update({"pretrain": PRETRAIN_COLOR, "full finetune": FULL_FINETUNE_COLOR})
     return {c: colors[c] for c in configs}
+
+
+def _methods_by_config(df: pd.DataFrame, dims: list[str]) -> dict[str, str]:
+    """LoRA configuration label → its method, for the finished LoRA runs."""
+    lora = ok_runs(df, "lora")
+    return dict(zip(lora.apply(lambda row: config_label(row, dims), axis=1), lora["method"],
+                    strict=True))  # fmt: skip
+
+
+def _method_legend(ax, palette: dict[str, object], methods: dict[str, str]) -> None:
+    """Legend entries per stage and per method (its darkest shade), on empty proxy lines."""
+    entries = {c: palette[c] for c in palette if c in ("pretrain", "full finetune")}
+    order = sorted(set(methods.values()), key=lambda m: (m != "default", m))
+    for config, method in sorted(methods.items(), key=lambda item: order.index(item[1])):
+        entries[f"LoRA {method} (lighter: smaller rank)"] = palette[config]  # the last: darkest
+    for label, color in entries.items():
+        ax.plot([], [], color=color, marker="o", markersize=4, label=label)
 
 
 def _missing_note(missing: list[str], shown: int = 6) -> str:
@@ -139,7 +164,8 @@ def draw_curves(study_dir: str | Path, df: pd.DataFrame) -> Figure | None:
     dims = varying_lora_dims(df, tuned)
     ordered = sort_by_stage(ok_runs(df)).apply(lambda row: config_label(row, dims), axis=1)
     configs = [c for c in dict.fromkeys(ordered) if c in set(curves["config"])]
-    palette = _palette(configs)
+    methods = _methods_by_config(df, dims) if "method" in dims else {}
+    palette = _palette(configs, methods)
     quantities = [q for q in QUANTITIES.values() if q in set(curves["quantity"])]
     splits = [s for s in SPLITS.values() if s in set(curves["split"])]
     several_seeds = curves.groupby("config")["run_id"].nunique().max() > 1
@@ -160,7 +186,7 @@ def draw_curves(study_dir: str | Path, df: pd.DataFrame) -> Figure | None:
                     sns.lineplot(
                         data, x="epoch", y="value", hue="config", hue_order=configs,
                         palette=palette, units="run_id", estimator=None, marker="o",
-                        markersize=4, linewidth=1.4, ax=ax,
+                        markersize=4, linewidth=1.4, ax=ax, legend=not methods,
                     )  # fmt: skip
                 ax.set_title(f"{split} {quantity}")
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
@@ -171,11 +197,14 @@ def draw_curves(study_dir: str | Path, df: pd.DataFrame) -> Figure | None:
             # Losses spanning decades read better on a log axis (the loss column is first).
             for ax in axes[:, 0]:
                 ax.set_yscale("log")
-        title = "Training and validation curves" + (" (one line per seed)" if several_seeds else "")
+        seeds = " (one line per seed)" if several_seeds else " (one seed: no spread)"
+        title = "Training and validation curves" + seeds
         title += ", each at its chosen learning rate" if tuned else ""
         if "pretrain" in configs:
             title += "\npretrain curves are measured on the pretraining (source) task"
         fig.suptitle(title)
+        if methods:  # one legend entry per method, not one per method and rank
+            _method_legend(axes[0][0], palette, {c: methods[c] for c in configs if c in methods})
         figure_legend(fig, list(axes.flat), note=_missing_note(missing) if missing else None)
     return fig
 
