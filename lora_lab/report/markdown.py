@@ -119,12 +119,16 @@ def _short_error(error: str, limit: int = 240) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
-def _draw_plots(study: Path, df: pd.DataFrame) -> list[str]:
-    """Draw every plot into the study folder and return the report's Plots section."""
+def _draw_plots(study: Path, df: pd.DataFrame, tolerance: float, confidence: float) -> list[str]:
+    """Draw every plot into the study folder and return the report's Plots section; the rank
+    plot's gap panel tests at the report's tolerance and confidence."""
     lines = ["## Plots", ""]
     skipped: list[str] = []
     metric, _ = main_metric(df)
+    verdict = {"accuracy_vs_rank.png": lambda study, df, path: plots.plot_accuracy_vs_rank(
+        df, path, tolerance, confidence)}  # fmt: skip
     for file_name, title, draw in PLOTS:
+        draw = verdict.get(file_name, draw)
         target = study / file_name
         try:
             drawn = draw(study, df, target)
@@ -330,7 +334,7 @@ def write_report(study_dir: str | Path, tolerance: float | None = None) -> Path:
              "status": failed["status"], "error": failed["error"].map(_short_error)}
         )  # fmt: skip
         lines += ["## Failed runs", "", "Diverged runs are listed too.", "", markdown_table(errors)]
-    lines += _draw_plots(study, df)
+    lines += _draw_plots(study, df, tolerance, study_level(info))
     lines += analysis_section(study)
     lines += certificate_section(study)
     lines += config_section(study)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -82,8 +84,6 @@ def test_report_has_a_claims_section_and_commits_the_curves(tmp_path) -> None:
     assert curves.groupby("run_id").size().eq(4).all()  # every epoch of every run
     assert curves["selected"].sum() == 4 * (3 + 5 * 4 * 3)
     # A committed folder has no logs: the report keeps its curves.csv and its claims.
-    import shutil
-
     shutil.rmtree(study / "runs")
     again = write_report(study).read_text()
     assert "| DoRA helps most at low rank | **holds** |" in again

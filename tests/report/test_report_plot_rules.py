@@ -12,6 +12,7 @@ from matplotlib.colors import to_rgb
 
 from lora_lab.report import plots
 from lora_lab.report.lr_heatmap import draw_lr_heatmap
+from lora_lab.report.markdown import write_report
 from tests.report.fakes import write_study
 from tests.report.methods_fakes import RANKS, methods_results
 
@@ -91,3 +92,18 @@ def test_curves_are_told_apart_by_method_and_use_selected_runs(tmp_path: Path) -
     # Each method's lines share its hue: the colours of two methods never coincide.
     colours = {tuple(np.round(to_rgb(ln.get_color()), 3)) for ln in drawn}
     assert len(colours) == 2 + len(METHODS) * len(RANKS)
+
+
+def test_the_reports_rank_plot_tests_at_the_reports_tolerance(
+    tmp_path: Path, methods: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = []
+    draw = plots.plot_accuracy_vs_rank
+
+    def spy(df, path, tolerance, confidence):
+        seen.append((tolerance, confidence))
+        return draw(df, path, tolerance, confidence)
+
+    monkeypatch.setattr(plots, "plot_accuracy_vs_rank", spy)
+    write_report(write_study(tmp_path / "methods", methods, metrics=False), tolerance=0.02)
+    assert seen == [(0.02, 0.95)]
