@@ -256,7 +256,7 @@ def study_curves(study_dir: str | Path, df: pd.DataFrame) -> pd.DataFrame:
     table = curves_file_table(study, df)
     target = study / CURVES_FILE
     if not table.empty:
-        atomic_write_text(target, table.to_csv(index=False))
+        atomic_write_text(target, table.to_csv(index=False, float_format="%.6g"))
         return table
     if target.is_file():
         return pd.read_csv(target, dtype={"run_id": str, "stage": str, "method": str})
