@@ -64,12 +64,15 @@ def _epoch_series(log: pd.DataFrame, name: str) -> pd.Series | None:
     return None
 
 
-def collect_curves(study_dir: str | Path, df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+def collect_curves(
+    study_dir: str | Path, df: pd.DataFrame, dims: list[str] | None = None
+) -> tuple[pd.DataFrame, list[str]]:
     """Gather every finished run's per-epoch metrics into one long table.
 
     Args:
         study_dir: The study folder (``run_dir`` entries are relative to it).
         df: The results table; failed runs are skipped.
+        dims: The LoRA settings a `config` label names (default: those that vary in `df`).
 
     Returns:
         ``(curves, missing)``: ``curves`` has columns ``CURVE_COLUMNS`` (``split`` is
@@ -77,7 +80,7 @@ def collect_curves(study_dir: str | Path, df: pd.DataFrame) -> tuple[pd.DataFram
         whose ``metrics.csv`` is absent or unreadable.
     """
     df = normalize_results(df)
-    dims = varying_lora_dims(df)
+    dims = varying_lora_dims(df) if dims is None else dims
     frames: list[pd.DataFrame] = []
     missing: list[str] = []
     for _, row in ok_runs(df).iterrows():
@@ -157,11 +160,12 @@ def draw_curves(study_dir: str | Path, df: pd.DataFrame) -> Figure | None:
     # With a learning-rate grid, only each configuration at its chosen learning rate: a line
     # per grid point (21 configurations × 3 seeds in the default study) cannot be told apart.
     df, tuned = tuned_rows(normalize_results(df))
-    curves, missing = collect_curves(study_dir, df)
+    # Labels without the learning rate when it was tuned: methods may choose different ones.
+    dims = varying_lora_dims(df, tuned)
+    curves, missing = collect_curves(study_dir, df, dims)
     if curves.empty:
         return None
     # Configurations in study order (pretrain, full finetune, then LoRA by rank) for the legend.
-    dims = varying_lora_dims(df, tuned)
     ordered = sort_by_stage(ok_runs(df)).apply(lambda row: config_label(row, dims), axis=1)
     configs = [c for c in dict.fromkeys(ordered) if c in set(curves["config"])]
     methods = _methods_by_config(df, dims) if "method" in dims else {}

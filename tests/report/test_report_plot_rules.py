@@ -78,6 +78,9 @@ def test_heatmap_has_one_colour_scale_and_a_colour_bar(methods: pd.DataFrame) ->
 
 def test_curves_are_told_apart_by_method_and_use_selected_runs(tmp_path: Path) -> None:
     df = methods_results()
+    # rsLoRA chooses the smaller learning rate: methods at one rank differ in their choice.
+    rslora = df["method"] == "rslora"
+    df.loc[rslora, "val_acc"] = np.where(df.loc[rslora, "learning_rate"] == 1e-3, 0.95, 0.5)
     study = write_study(tmp_path / "methods", df)
     fig = plots.draw_curves(study, df)
     ax = fig.axes[-1]  # validation accuracy
