@@ -27,7 +27,7 @@ from lora_lab.plotting import (
     sequential_colors,
     theme,
 )
-from lora_lab.report.figures import figure_legend
+from lora_lab.report.figures import figure_legend, method_colors
 from lora_lab.report.labels import config_label, varying_lora_dims
 from lora_lab.report.selection import selected_mask, tuned_rows
 from lora_lab.results import normalize_results, ok_runs, sort_by_stage
@@ -123,7 +123,7 @@ def _palette(configs: list[str], methods: dict[str, str] | None = None) -> dict[
     colors: dict[str, object] = dict(zip(lora, sequential_colors(lora), strict=False))
     if methods:
         names = sorted(set(methods.values()), key=lambda m: (m != "default", m))
-        for method, base in zip(names, sns.color_palette("colorblind", len(names)), strict=True):
+        for method, base in zip(names, method_colors(len(names)), strict=True):
             own = [c for c in lora if methods.get(c) == method]
             shades = sns.light_palette(base, n_colors=len(own) + 2)[2:]
             colors.update(zip(own, shades, strict=True))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pandas as pd
+import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
@@ -13,6 +14,14 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullForma
 from lora_lab.plotting import FULL_FINETUNE_COLOR, PRETRAIN_COLOR
 from lora_lab.report.labels import format_count
 from lora_lab.results import ok_runs
+
+
+def method_colors(count: int) -> list:
+    """One qualitative colour per method, in the order given (plain LoRA first): seaborn's
+    colorblind palette without its vermilion and grey, which read as the full finetune's red
+    and the pretrained model's grey."""
+    palette = [c for i, c in enumerate(sns.color_palette("colorblind", 10)) if i not in (3, 7)]
+    return [palette[i % len(palette)] for i in range(count)]
 
 
 def set_rank_axis(ax: Axes, ranks: Sequence[float]) -> None:

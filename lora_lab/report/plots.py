@@ -38,6 +38,7 @@ from lora_lab.report.figures import (
     draw_baselines,
     figure_legend,
     format_metric,
+    method_colors,
     metric_axis,
     set_count_axis,
     set_rank_axis,
@@ -125,11 +126,6 @@ def _hue_style(lora: pd.DataFrame, hue: str | None) -> tuple[pd.DataFrame, dict 
         hue_order = sorted(hue_order, key=lambda label: label != "LoRA default")
         return lora, dict(zip(hue_order, method_colors(len(hue_order)), strict=True))
     return lora, dict(zip(hue_order, sequential_colors(hue_order), strict=True))
-
-
-def method_colors(count: int) -> list:
-    """One qualitative colour per method, in the order given (plain LoRA first)."""
-    return sns.color_palette("colorblind", n_colors=count)
 
 
 def seed_note(n_seeds: int) -> str:
