@@ -285,7 +285,8 @@ def claims_section(df: pd.DataFrame, curves: pd.DataFrame, tolerance: float) -> 
         "*shown* when its one-sided 95% lower bound is above 0, *refuted* when its one-sided 95% "
         f"upper bound is below the tolerance of {100 * tolerance:g} point(s) (any gain is "
         "smaller than that). A claim **holds** when every part is shown, **does not hold** when "
-        "a part is refuted, and is **inconclusive** otherwise. Low ranks: "
+        "a part is refuted, and is **inconclusive** otherwise (each claim at 5% on its own, no "
+        "correction across claims). Low ranks: "
         f"{', '.join(map(str, low)) or 'none'}; high ranks: {', '.join(map(str, high)) or 'none'}"
         " (below and above the median rank). *Validation AUC*: a run's mean validation accuracy "
         "over its per-epoch validation points (`curves.csv`).",

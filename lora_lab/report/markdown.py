@@ -325,7 +325,6 @@ def write_report(study_dir: str | Path, tolerance: float | None = None) -> Path:
     if headline:
         lines += ["## Headline", "", *headline, ""]
     lines += _methods_section(df)
-    lines += claims_section(df, study_curves(study, df), tolerance)
     lines += _learning_rate_section(df)
     lines += _results_section(df)
     if not failed.empty:
@@ -335,6 +334,7 @@ def write_report(study_dir: str | Path, tolerance: float | None = None) -> Path:
         )  # fmt: skip
         lines += ["## Failed runs", "", "Diverged runs are listed too.", "", markdown_table(errors)]
     lines += _draw_plots(study, df, tolerance, study_level(info))
+    lines += claims_section(df, study_curves(study, df), tolerance)
     lines += analysis_section(study)
     lines += certificate_section(study)
     lines += config_section(study)
