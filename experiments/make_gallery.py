@@ -1,7 +1,7 @@
 """Regenerate the gallery in `experiments/` from real runs of the committed code.
 
 Each study runs `lora-lab sweep` into `outputs/gallery/<name>/`, then `lora-lab analyze`, and
-copies the small artefacts (REPORT.md, the PNGs, results.csv, analysis.csv) into
+copies the small artefacts (REPORT.md, the PNGs, results.csv, curves.csv, analysis.csv) into
 `experiments/<name>/`. Checkpoints, adapters and run logs stay in `outputs/`.
 
 Usage:
@@ -42,7 +42,7 @@ STUDIES: dict[str, list[str]] = {
 #: study's 105 adapters make 5,460 pairs per layer, and subspaces across methods are not what
 #: that study asks about.
 NO_ANALYSIS = {"fashion_mnist_methods"}
-KEEP = ("results.csv", "analysis.csv", "*.png")
+KEEP = ("results.csv", "analysis.csv", "curves.csv", "*.png")
 
 
 def commands(name: str, work: Path, extra: list[str]) -> list[list[str]]:

@@ -185,7 +185,8 @@ def amplification(update: LayerUpdate, weight: Tensor, k: int, lora_norm: float)
 
 
 def subspace_rows(adapters: list[AdapterRun]) -> list[dict]:
-    """One `subspace` row per layer and unordered pair of adapters that both adapt it.
+    """One `subspace` row per layer and unordered pair of adapters that both adapt it and were
+    trained at one learning rate with one method (subspaces are never compared across them).
 
     φ is summarised on the square grid i, j <= m with m = min(r_a, r_b, in): `phi_top1` is
     φ(1, 1), `phi_full` is φ(m, m) (overlap of the whole smaller subspace), `phi_mean` the
@@ -196,6 +197,8 @@ def subspace_rows(adapters: list[AdapterRun]) -> list[dict]:
     for layer in layers:
         holders = [adapter for adapter in adapters if layer in adapter.layers]
         for first, second in combinations(holders, 2):
+            if not comparable(first, second):
+                continue
             v1, v2 = first.layers[layer].input_basis, second.layers[layer].input_basis
             if v1.shape[1] != v2.shape[1]:
                 continue
@@ -209,6 +212,14 @@ def subspace_rows(adapters: list[AdapterRun]) -> list[dict]:
                 "phi_mean": float(grid.mean()), "phi_full": float(grid[-1, -1]),
             })  # fmt: skip
     return rows
+
+
+def comparable(first: AdapterRun, second: AdapterRun) -> bool:
+    """Whether two adapters' subspaces may be compared: same learning rate and method."""
+    return (first.run.learning_rate, first.run.method) == (
+        second.run.learning_rate,
+        second.run.method,
+    )
 
 
 def build_table(rows: list[dict]) -> pd.DataFrame:

@@ -17,7 +17,7 @@ from matplotlib.axes import Axes
 from torch import Tensor
 
 from lora_lab.analysis.adapters import AdapterRun
-from lora_lab.analysis.measurements import natural_sorted
+from lora_lab.analysis.measurements import comparable, natural_sorted
 from lora_lab.analysis.spectra import similarity_grid_from_bases, subspace_similarity_grid
 from lora_lab.plotting import LORA_PALETTE, new_figure, save_figure, theme
 
@@ -158,16 +158,25 @@ def _shared(first: AdapterRun, second: AdapterRun) -> tuple[bool, ...]:
 
 
 def pick_rank_pair(holders: list[AdapterRun]) -> tuple[AdapterRun, AdapterRun] | None:
-    """The paper's (8, 64) when present, else the smallest and largest rank.
+    """Two ranks trained at one learning rate with one method (`comparable`): the paper's
+    (8, 64) when such a pair exists, else the pair of the widest rank ratio.
 
     Of those, the pair that shares the most: the seed first, then alpha, learning rate, method.
+    None when no two ranks share a learning rate and method.
     """
-    ranks = sorted({adapter.rank for adapter in holders})
-    if len(ranks) < 2:
+    pairs = [
+        (small, large)
+        for small in holders
+        for large in holders
+        if small.rank < large.rank and comparable(small, large)
+    ]
+    if not pairs:
         return None
-    low, high = PAPER_RANKS if set(PAPER_RANKS) <= set(ranks) else (ranks[0], ranks[-1])
-    pairs = [(s, b) for s in holders if s.rank == low for b in holders if b.rank == high]
-    return max(pairs, key=lambda pair: _shared(*pair))  # the first of the best pairs
+    paper = [pair for pair in pairs if (pair[0].rank, pair[1].rank) == PAPER_RANKS]
+    return max(  # the first of the best pairs
+        paper or pairs,
+        key=lambda pair: (pair[1].rank / pair[0].rank, *_shared(*pair)),
+    )
 
 
 def pick_seed_pair(holders: list[AdapterRun]) -> tuple[AdapterRun, AdapterRun] | None:
@@ -202,7 +211,10 @@ def draw_subspace_figures(
                 path = study_dir / f"analysis_subspace_{slug}.png"
                 written.append(plot_rank_pair(*pair, layer, path))
             else:
-                notes.append(f"{layer}: one rank only, no rank-vs-rank heatmap")
+                notes.append(
+                    f"{layer}: no two ranks share a learning rate and method, no rank-vs-rank "
+                    "heatmap (subspaces are not compared across learning rates)"
+                )
             if (pair := pick_seed_pair(holders)) is not None:
                 path = study_dir / f"analysis_seeds_{slug}.png"
                 written.append(plot_seed_pair(*pair, layer, path))

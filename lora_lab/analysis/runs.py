@@ -57,7 +57,11 @@ class StudyRuns:
 
 
 def find_runs(study: Path, notes: list[str]) -> StudyRuns:
-    """The usable runs below `study`, by stage; what was skipped and why goes to `notes`."""
+    """The usable runs below `study`, by stage; what was skipped and why goes to `notes`.
+
+    LoRA runs are those `results.csv` marks `selected` (each configuration at its learning
+    rate chosen on validation); every finished one when the table is unreadable.
+    """
     records, problems = find_results(study)
     notes.extend(problems)
     by_stage: dict[str, list[StudyRun]] = {}
@@ -68,11 +72,34 @@ def find_runs(study: Path, notes: list[str]) -> StudyRuns:
     pretrains = sorted(by_stage.get("pretrain", []), key=_seed_then_id)
     if len(pretrains) > 1:
         notes.append(f"{len(pretrains)} pretrain runs; using {pretrains[0].result.run_id}")
+    lora, full = by_stage.get("lora", []), by_stage.get("full_finetune", [])
+    # Only a study with a choice (several learning rates or baselines) needs its table.
+    choice = len(full) > 1 or len({run.result.learning_rate for run in lora}) > 1
+    selected = selected_run_ids(study, notes) if choice else set()
+    chosen = [run for run in lora if run.result.run_id in selected]
+    if len(chosen) < len(lora) and selected:
+        notes.append(
+            f"{len(lora) - len(chosen)} LoRA run(s) at a learning rate not chosen on validation"
+            " (not `selected` in results.csv); skipped"
+        )
     return StudyRuns(
         pretrain=pretrains[0] if pretrains else None,
-        full_finetune=choose_full_finetune(by_stage.get("full_finetune", []), study, notes),
-        lora=by_stage.get("lora", []),
+        full_finetune=choose_full_finetune(full, selected),
+        lora=chosen if selected else lora,
     )
+
+
+def selected_run_ids(study: Path, notes: list[str]) -> set[str]:
+    """The run ids `results.csv` marks `selected`; empty (with a note) when it is unreadable."""
+    try:
+        table = read_results(study / RESULTS_CSV)
+    except ValueError as error:
+        notes.append(
+            f"{error}: the learning rates chosen on validation are unknown; every finished run "
+            "is analysed and the lowest-seed full finetune of any learning rate compared with"
+        )
+        return set()
+    return set(table.loc[table["selected"].str.lower() == "true", "run_id"])
 
 
 def _usable_run(study: Path, record: Mapping[str, Any], notes: list[str]) -> StudyRun | None:
@@ -102,22 +129,15 @@ def _seed_then_id(run: StudyRun) -> tuple[int, str]:
     return (-1 if seed is None else int(seed), run.result.run_id)
 
 
-def choose_full_finetune(runs: list[StudyRun], study: Path, notes: list[str]) -> StudyRun | None:
+def choose_full_finetune(runs: list[StudyRun], selected: set[str]) -> StudyRun | None:
     """The full finetune the analysis compares with.
 
     With one run, that run. When the baseline ran for several seeds or learning rates, the
-    lowest-seed run among those `results.csv` marks `selected` (the learning rate chosen on
-    validation); among all of them when the table is unreadable or selects none.
+    lowest-seed run among the `selected` ones (the learning rate chosen on validation);
+    among all of them when none is selected.
     """
     if len(runs) <= 1:
         return runs[0] if runs else None
-    try:
-        table = read_results(study / RESULTS_CSV)
-    except ValueError as error:
-        notes.append(f"{error}: comparing with the lowest-seed full finetune of any learning rate")
-        selected: set[str] = set()
-    else:
-        selected = set(table.loc[table["selected"].str.lower() == "true", "run_id"])
     chosen = [run for run in runs if run.result.run_id in selected] or runs
     return min(chosen, key=_seed_then_id)
 

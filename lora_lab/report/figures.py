@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pandas as pd
+import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
@@ -13,6 +14,14 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullForma
 from lora_lab.plotting import FULL_FINETUNE_COLOR, PRETRAIN_COLOR
 from lora_lab.report.labels import format_count
 from lora_lab.results import ok_runs
+
+
+def method_colors(count: int) -> list:
+    """One qualitative colour per method, in the order given (plain LoRA first): seaborn's
+    colorblind palette without its vermilion and grey, which read as the full finetune's red
+    and the pretrained model's grey."""
+    palette = [c for i, c in enumerate(sns.color_palette("colorblind", 10)) if i not in (3, 7)]
+    return [palette[i % len(palette)] for i in range(count)]
 
 
 def set_rank_axis(ax: Axes, ranks: Sequence[float]) -> None:
@@ -44,16 +53,26 @@ def format_metric(metric: str, value: float) -> str:
     return f"{value:.3f}" if metric.endswith("acc") else f"{value:.3g}"
 
 
-def draw_baselines(ax: Axes, df: pd.DataFrame, metric: str) -> None:
+def draw_baselines(
+    ax: Axes, df: pd.DataFrame, metric: str, before: bool = True, spread: bool = False
+) -> None:
     """Horizontal reference lines: full finetune (dashed) and the pretrained model (dotted).
 
     Both are means over the finished runs of that stage; the pretrain row's metric is measured
     on the finetune task, so it is the "before finetuning" level of the same quantity.
+
+    Args:
+        ax: The axes.
+        df: The rows to draw from (the selected ones, where learning rates were tuned).
+        metric: The column drawn.
+        before: Also draw the pretrained model's level (which stretches an accuracy axis
+            from the LoRA and full-finetune data down to the untrained level).
+        spread: Shade the full finetune's mean ± sd over its seeds (two or more).
     """
-    for stage, style, color, name in (
-        ("full_finetune", "--", FULL_FINETUNE_COLOR, "full finetune"),
-        ("pretrain", ":", PRETRAIN_COLOR, "before finetuning"),
-    ):
+    stages = (("full_finetune", "--", FULL_FINETUNE_COLOR, "full finetune"),)
+    if before:
+        stages += (("pretrain", ":", PRETRAIN_COLOR, "before finetuning"),)
+    for stage, style, color, name in stages:
         values = ok_runs(df, stage)[metric].dropna()
         if values.empty:
             continue
@@ -61,6 +80,10 @@ def draw_baselines(ax: Axes, df: pd.DataFrame, metric: str) -> None:
         ax.axhline(
             mean, ls=style, lw=1.6, color=color, label=f"{name} ({format_metric(metric, mean)})"
         )
+        if spread and stage == "full_finetune" and len(values) > 1:
+            sd = float(values.std())
+            ax.axhspan(mean - sd, mean + sd, color=color, alpha=0.12, lw=0,
+                       label=f"{name} ± sd ({len(values)} seeds)")  # fmt: skip
 
 
 def metric_axis(ax: Axes, metric: str, label: str) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import seaborn as sns
+from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from lora_lab.plotting import new_figure, save_figure, theme
@@ -36,7 +37,8 @@ def _panels(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
 
 def plot_lr_heatmap(df: pd.DataFrame, path: str | Path) -> Path | None:
     """Mean validation accuracy over seeds for each learning rate (rows) and rank (columns);
-    the chosen learning rate of each rank is outlined.
+    the chosen learning rate of each rank is outlined. Every panel shares one colour scale,
+    shown by one colour bar.
 
     Args:
         df: The results table.
@@ -45,27 +47,43 @@ def plot_lr_heatmap(df: pd.DataFrame, path: str | Path) -> Path | None:
     Returns:
         ``path``, or None when no configuration swept learning rates with validation accuracy.
     """
+    with theme():
+        fig = draw_lr_heatmap(df)
+        return None if fig is None else save_figure(fig, path)
+
+
+def draw_lr_heatmap(df: pd.DataFrame) -> Figure | None:
+    """The heatmap's unsaved Figure (see `plot_lr_heatmap`); None when there is nothing."""
     df = normalize_results(df)
     panels = _panels(df) if lr_tuned(df) else []
     if not panels:
         return None
     chosen = chosen_learning_rates(df)
+    grids = [_grid(rows) for _, rows in panels]
+    # One colour scale across the panels, so that equal colours are equal accuracies.
+    low = min(float(grid.min().min()) for grid in grids)
+    high = max(float(grid.max().max()) for grid in grids)
     widths = [max(2.2, 0.75 * rows["rank"].nunique() + 1.2) for _, rows in panels]
     with theme():
-        fig, axes = new_figure(sum(widths) + 1.0, 3.6, ncols=len(panels), width_ratios=widths)
-        for ax, (title, rows) in zip(axes[0], panels, strict=True):
-            grid = rows.pivot_table(index="learning_rate", columns="rank", values="val_acc")
-            grid = grid.sort_index(ascending=False)
-            sns.heatmap(grid, annot=True, fmt=".3f", cmap="viridis", cbar=False, ax=ax,
-                        annot_kws={"fontsize": 7})  # fmt: skip
+        fig, axes = new_figure(sum(widths) + 1.6, 3.6, ncols=len(panels), width_ratios=widths)
+        for ax, (title, rows), grid in zip(axes[0], panels, grids, strict=True):
+            sns.heatmap(grid, annot=True, fmt=".3f", cmap="viridis", vmin=low, vmax=high,
+                        cbar=False, ax=ax, annot_kws={"fontsize": 7})  # fmt: skip
             _outline_choices(ax, grid, chosen, rows)
             ax.set_title(title)
             ax.set_xlabel("rank" if title != "full finetune" else "")
             ax.set_ylabel("learning rate")
             ax.set_yticklabels([f"{lr:g}" for lr in grid.index], rotation=0)
             ax.set_xticklabels([f"{c:g}" if not isinstance(c, str) else c for c in grid.columns])
+        fig.colorbar(axes[0][0].collections[0], ax=list(axes[0]), label="validation accuracy")
         fig.suptitle("Validation accuracy (mean over seeds); outlined: the learning rate chosen")
-        return save_figure(fig, path)
+    return fig
+
+
+def _grid(rows: pd.DataFrame) -> pd.DataFrame:
+    """Mean val_acc per learning rate (rows, largest first) and rank (columns)."""
+    grid = rows.pivot_table(index="learning_rate", columns="rank", values="val_acc")
+    return grid.sort_index(ascending=False)
 
 
 def _outline_choices(ax, grid: pd.DataFrame, chosen: pd.DataFrame, rows: pd.DataFrame) -> None:

@@ -11,8 +11,9 @@ import pandas as pd
 from lora_lab._atomic import atomic_write_text
 from lora_lab.report import plots
 from lora_lab.report.certificate import certificate_section
+from lora_lab.report.claims import claims_section
 from lora_lab.report.confusion import CONFUSION_PNG, write_confusion
-from lora_lab.report.curves import metrics_path
+from lora_lab.report.curves import metrics_path, study_curves
 from lora_lab.report.forgetting import forgetting_section
 from lora_lab.report.labels import format_value, main_metric, varying_lora_dims
 from lora_lab.report.lr_heatmap import HEATMAP_FILE, plot_lr_heatmap
@@ -118,12 +119,16 @@ def _short_error(error: str, limit: int = 240) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
-def _draw_plots(study: Path, df: pd.DataFrame) -> list[str]:
-    """Draw every plot into the study folder and return the report's Plots section."""
+def _draw_plots(study: Path, df: pd.DataFrame, tolerance: float, confidence: float) -> list[str]:
+    """Draw every plot into the study folder and return the report's Plots section; the rank
+    plot's gap panel tests at the report's tolerance and confidence."""
     lines = ["## Plots", ""]
     skipped: list[str] = []
     metric, _ = main_metric(df)
+    verdict = {"accuracy_vs_rank.png": lambda study, df, path: plots.plot_accuracy_vs_rank(
+        df, path, tolerance, confidence)}  # fmt: skip
     for file_name, title, draw in PLOTS:
+        draw = verdict.get(file_name, draw)
         target = study / file_name
         try:
             drawn = draw(study, df, target)
@@ -328,7 +333,8 @@ def write_report(study_dir: str | Path, tolerance: float | None = None) -> Path:
              "status": failed["status"], "error": failed["error"].map(_short_error)}
         )  # fmt: skip
         lines += ["## Failed runs", "", "Diverged runs are listed too.", "", markdown_table(errors)]
-    lines += _draw_plots(study, df)
+    lines += _draw_plots(study, df, tolerance, study_level(info))
+    lines += claims_section(df, study_curves(study, df), tolerance)
     lines += analysis_section(study)
     lines += certificate_section(study)
     lines += config_section(study)

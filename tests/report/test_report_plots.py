@@ -10,6 +10,8 @@ import pytest
 
 from lora_lab.report import plots
 from lora_lab.report.curves import collect_curves
+from lora_lab.report.verdict import recommend
+from lora_lab.results import normalize_results
 from tests.report.fakes import assert_png, make_regression_results, vary_lora, write_study
 
 
@@ -48,21 +50,67 @@ def test_rank_plot_draws_seed_means_baselines_and_param_counts(results: pd.DataF
     assert ax.get_xscale() == "log"
     assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "4", "8", "16"]
     dashed = [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]
-    dotted = [ln for ln in ax.get_lines() if ln.get_linestyle() == ":"]
     assert dashed[0].get_ydata()[0] == pytest.approx(0.91)  # full finetune mean over 3 seeds
-    assert dotted[0].get_ydata()[0] == pytest.approx(0.41)  # pretrain on the finetune test set
-    assert _legend_labels(fig) == [
-        "LoRA (mean ± sd)", "full finetune (0.910)", "before finetuning (0.410)",
+    assert not [ln for ln in ax.get_lines() if ln.get_linestyle() == ":"]  # no pretrain line
+    assert "before finetuning: 0.410 (not drawn)" in fig.get_suptitle()
+    assert _legend_labels(fig)[:3] == [
+        "LoRA (mean ± sd)", "full finetune (0.910)", "full finetune ± sd (3 seeds)",
     ]  # fmt: skip
     assert [t.get_text() for t in ax.texts] == ["150", "300", "600", "1.2k", "2.4k"]
     assert ax.collections, "expected a ± sd band for three seeds"
+
+
+def test_rank_plot_axis_fits_lora_and_full_finetune_with_its_spread(
+    results: pd.DataFrame,
+) -> None:
+    fig = plots.draw_accuracy_vs_rank(results)
+    ax = fig.axes[0]
+    low, high = ax.get_ylim()
+    assert low > 0.6 and high < 1.0  # not stretched down to the 0.41 before finetuning
+    (band,) = [p for p in ax.patches if p.get_label() == "full finetune ± sd (3 seeds)"]
+    full = results.loc[results["stage"] == "full_finetune", "test_acc"]
+    # axhspan: a Rectangle whose y and height are in data units
+    assert band.get_y() == pytest.approx(full.mean() - full.std())
+    assert band.get_y() + band.get_height() == pytest.approx(full.mean() + full.std())
+    assert low < full.mean() - full.std() and high > full.mean() + full.std()
+
+
+def test_rank_plot_gap_panel_shows_the_verdicts_intervals_and_tolerance(
+    results: pd.DataFrame,
+) -> None:
+    fig = plots.draw_accuracy_vs_rank(results, tolerance=0.02)
+    assert len(fig.axes) == 2
+    gap_ax = fig.axes[1]
+    (test,) = recommend(normalize_results(results), 0.02)
+    by_rank = {t.rank: t for t in test.tests}
+    (upper,) = [ln for ln in gap_ax.get_lines() if ln.get_marker() == "v"]
+    np.testing.assert_allclose(
+        upper.get_ydata(), [100 * by_rank[r].interval.upper for r in sorted(by_rank)]
+    )
+    (points,) = [ln for ln in gap_ax.get_lines() if ln.get_marker() == "o"]
+    np.testing.assert_allclose(
+        points.get_ydata(), [100 * by_rank[r].interval.gap for r in sorted(by_rank)]
+    )
+    (band,) = [p for p in gap_ax.patches if p.get_label().startswith("within the tolerance")]
+    assert "2 point(s)" in band.get_label()
+    assert (band.get_y(), band.get_height()) == pytest.approx((0.0, 2.0))
+
+
+def test_a_single_seed_plot_says_so_in_its_title(results: pd.DataFrame) -> None:
+    one_seed = results[results["seed"] == 0]
+    for fig in (
+        plots.draw_accuracy_vs_rank(one_seed),
+        plots.draw_accuracy_vs_params(one_seed),
+    ):
+        assert "one seed" in fig.get_suptitle()
+    assert "one seed" not in plots.draw_accuracy_vs_rank(results).get_suptitle()
 
 
 def test_rank_plot_uses_alpha_as_hue_when_it_varies(results: pd.DataFrame) -> None:
     df = vary_lora(results, "alpha", (8.0, 16.0))
     assert plots.rank_plot_dimensions(df) == ("alpha", None)
     fig = plots.draw_accuracy_vs_rank(df)
-    assert len(fig.axes) == 1
+    assert len(fig.axes) == 2  # the accuracy panel and the gap panel
     assert set(_lora_lines(fig.axes[0])) == {"LoRA α=8", "LoRA α=16"}
     assert _legend_labels(fig)[:2] == ["LoRA α=8", "LoRA α=16"]  # numeric, not string, order
     # The parameter count is written once per rank, not once per hue line.
@@ -76,7 +124,7 @@ def test_alpha_tied_to_rank_is_one_setting_not_a_hue(results: pd.DataFrame) -> N
     assert plots.rank_plot_dimensions(df) == (None, None)
     fig = plots.draw_accuracy_vs_rank(df)
     assert set(_lora_lines(fig.axes[0])) == {"LoRA (mean ± sd)"}
-    assert fig.get_suptitle().endswith("\nα=r, lr=0.001")
+    assert fig.get_suptitle().endswith("\nα=r, lr=0.001, before finetuning: 0.410 (not drawn)")
 
 
 def test_alpha_sweep_tied_to_rank_is_shown_as_the_ratio(results: pd.DataFrame) -> None:
@@ -92,8 +140,8 @@ def test_rank_plot_facets_by_learning_rate_when_alpha_also_varies(results: pd.Da
     df = vary_lora(vary_lora(results, "alpha", (8.0, 16.0)), "learning_rate", (1e-3, 1e-2))
     assert plots.rank_plot_dimensions(df) == ("alpha", "learning_rate")
     fig = plots.draw_accuracy_vs_rank(df)
-    assert [ax.get_title() for ax in fig.axes] == ["lr=0.001", "lr=0.01"]
-    for ax in fig.axes:
+    assert [ax.get_title() for ax in fig.axes[:2]] == ["lr=0.001", "lr=0.01"]
+    for ax in fig.axes[:2]:
         assert set(_lora_lines(ax)) == {"LoRA α=8", "LoRA α=16"}
 
 
