@@ -43,7 +43,7 @@ from lora_lab.pipeline.checkpointing import (
 )
 from lora_lab.pipeline.console import progress_options, say
 from lora_lab.pipeline.cpu import ThreadChooser, retain_freed_memory
-from lora_lab.pipeline.fusion import Grouping, describe, fusable
+from lora_lab.pipeline.fusion import TAKEN_OVER, Grouping, describe, fusable, step_options
 from lora_lab.pipeline.plan import PlannedRun
 from lora_lab.pipeline.progress import Progress
 from lora_lab.pipeline.record import (
@@ -191,7 +191,8 @@ def build_pass(
         GroupingError: If the networks cannot be fused.
     """
     members = [Member.build(run, study_dir, pretrained) for run in group]
-    module = FusedLoRAModule([m.module for m in members], [m.loggers for m in members])
+    steps = step_options(members[0].cfg)  # clipping and accumulation, applied per member
+    module = FusedLoRAModule([m.module for m in members], [m.loggers for m in members], steps)
     datamodule = instantiate(members[0].cfg.data)  # equal for all members (the fusion key)
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -234,6 +235,7 @@ def run_fused_group(
         enable_checkpointing=True,
         default_root_dir=str(pass_dir),
         **progress,
+        **TAKEN_OVER,  # the module applies them per member
     )
     # Before the loggers open their files (a CSV logger's writer deletes an old metrics.csv).
     earlier = [log_before(Path(m.cfg.run_dir), epoch) for m in members]
