@@ -199,9 +199,10 @@ class FusedLoRAModule(L.LightningModule):
     def _step_now(self, batch_idx: int) -> bool:
         """Lightning's rule for a run alone: step after every `accumulate_grad_batches`
         batches of the epoch, and on its last batch."""
-        ready = batch_idx + 1
-        accumulate = self.steps.accumulate_grad_batches
-        return ready % accumulate == 0 or ready == self.trainer.num_training_batches
+        ready, accumulate = batch_idx + 1, self.steps.accumulate_grad_batches
+        return (
+            accumulate == 1 or ready % accumulate == 0 or ready == self.trainer.num_training_batches
+        )
 
     def _step(self, indices: list[int]) -> None:
         """Clip each member's gradients as its run alone would, then step its optimizer.
