@@ -29,7 +29,7 @@ from torch import nn
 
 from lora_lab.lora.grouped import cross_entropy_per_adapter, group_networks, share_frozen
 from lora_lab.models.member_optim import member_optimizers
-from lora_lab.models.member_steps import StepOptions
+from lora_lab.models.member_steps import MemberScalers, StepOptions
 from lora_lab.models.module import ClassifierModule, TaskModule
 from lora_lab.models.run_state import restore_rng_state, save_rng_state, sum_dtype
 
@@ -64,6 +64,7 @@ class FusedLoRAModule(L.LightningModule):
         share_frozen([m.network for m in members])  # one frozen network in memory, not K
         self.member_loggers = [list(group) for group in loggers or [[] for _ in members]]
         self.steps = steps or StepOptions()
+        self.scalers = MemberScalers()  # fp16: filled in `setup` from the Trainer's plugin
         # Buffers, so a checkpoint (and a spawned DDP worker's returned weights) carry them.
         self.register_buffer("active", torch.ones(len(members), dtype=torch.bool))
         # Optimizer steps taken: a member's trainer.global_step alone (one per batch unless
@@ -188,7 +189,8 @@ class FusedLoRAModule(L.LightningModule):
         # An adapter's parameters reach only its own loss, so the sum's gradient is each
         # member's own; a non-finite loss is masked so that it cannot spread. Its member
         # stops at the next check of the flags.
-        masked = torch.where(finite, losses, torch.zeros_like(losses)).sum()
+        scaled = self.scalers.scale(losses, indices)
+        masked = torch.where(finite, scaled, torch.zeros_like(scaled)).sum()
         accumulate = self.steps.accumulate_grad_batches
         # Lightning divides the loss by accumulate_grad_batches, whatever the batch.
         self.manual_backward(masked / accumulate if accumulate > 1 else masked)
@@ -211,8 +213,17 @@ class FusedLoRAModule(L.LightningModule):
         directly), so that `trainer.global_step` counts steps as a member's run alone counts
         them, and `max_steps` ends the pass where it ends each run.
         """
-        self.steps.clip(self.members, indices)
         optimizers = self.optimizers()
+        if self.scalers:  # fp16: one optimizer and one scaler per member
+            raw = [optimizer.optimizer for optimizer in optimizers]
+            self.scalers.step(raw, self.members, indices, self.steps)
+            # Lightning counts steps in LightningOptimizer.step, which the scalers bypass.
+            progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+            progress.increment_ready()
+            progress.increment_completed()
+            self.batches_seen += 1
+            return
+        self.steps.clip(self.members, indices)
         if not isinstance(optimizers, list):  # one optimizer shared by the members
             optimizers.step()
             optimizers.zero_grad(set_to_none=True)
@@ -312,10 +323,14 @@ class FusedLoRAModule(L.LightningModule):
             self.members[k].on_test_epoch_end()  # per-class test accuracy, as after its own test
 
     # -- optimizers and checkpoints -----------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if stage == "fit":  # before configure_optimizers and before a checkpoint is restored
+            self.scalers.take_over(self.trainer.precision_plugin, len(self.members))
+
     def configure_optimizers(self) -> Any:
         # Schedulers stay with the module, which steps them and checkpoints their state: a
         # member's scheduler may drive one param group of a shared optimizer.
-        optimizers, self._schedulers = member_optimizers(list(self.members))
+        optimizers, self._schedulers = member_optimizers(list(self.members), bool(self.scalers))
         self._load_scheduler_states()
         return optimizers
 
@@ -339,6 +354,8 @@ class FusedLoRAModule(L.LightningModule):
         ]
         # A scheduler that steps on validation epochs only still sees the last val_loss.
         checkpoint["member_val_metrics"] = dict(self.val_metrics)
+        if self.scalers:
+            checkpoint["member_scalers"] = self.scalers.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         restore_rng_state(checkpoint, self.device)
@@ -347,3 +364,5 @@ class FusedLoRAModule(L.LightningModule):
         self.val_metrics = dict(checkpoint.get("member_val_metrics", {}))
         # Lightning calls configure_optimizers after this hook: it loads them.
         self._scheduler_states = list(checkpoint.get("member_schedulers", []))
+        if checkpoint.get("member_scalers"):
+            self.scalers.load_state_dict(checkpoint["member_scalers"])

@@ -124,13 +124,16 @@ def shared_optimizer(
 
 
 def member_optimizers(
-    members: Sequence[TaskModule],
+    members: Sequence[TaskModule], separate: bool = False
 ) -> tuple[list[torch.optim.Optimizer], list[Any]]:
     """The pass's optimizers (one shared, or one per member) and each member's scheduler
     (None where it has none), built from the members' own optimizer and scheduler partials.
+
+    With `separate` (fp16: a scaler per member unscales and steps its own optimizer), each
+    member gets the optimizer its run alone builds.
     """
     no_schedulers = all(m.scheduler_factory is None for m in members)
-    shared = shared_optimizer(members, merge=no_schedulers)
+    shared = None if separate else shared_optimizer(members, merge=no_schedulers)
     if shared is not None and no_schedulers:
         return [shared[0]], [None] * len(members)
     if shared is not None:
@@ -143,8 +146,9 @@ def member_optimizers(
         return [optimizer], schedulers
     optimizers, schedulers = [], []
     for member in members:
-        optimizer = single_kernel(member.optimizer_factory)(member.optimizer_parameters())
+        factory = member.optimizer_factory if separate else single_kernel(member.optimizer_factory)
+        optimizer = factory(member.optimizer_parameters())
         optimizers.append(optimizer)
-        factory = member.scheduler_factory
-        schedulers.append(factory(optimizer) if factory is not None else None)
+        scheduler = member.scheduler_factory
+        schedulers.append(scheduler(optimizer) if scheduler is not None else None)
     return optimizers, schedulers

@@ -1,6 +1,6 @@
 """What a fused pass does per member at each optimizer step, in place of Lightning's Trainer
 options (which work only under automatic optimization): gradient clipping over each member's
-own parameters, and gradient accumulation.
+own parameters, gradient accumulation, and fp16 loss scaling with a scaler per member.
 
 A member's run alone is Lightning's automatic optimization: the loss divided by
 `accumulate_grad_batches`, a step after every that many batches of an epoch and on its last
@@ -11,6 +11,7 @@ fused module does the same per member, on the member's parameters only.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -75,3 +76,70 @@ class StepOptions:
                 torch.nn.utils.clip_grad_value_(params, clip_value=value)
             else:
                 torch.nn.utils.clip_grad_norm_(params, value)
+
+
+class MemberScalers:
+    """fp16 loss scaling per member: one `GradScaler` each, in place of the pass's one.
+
+    A run alone under `precision="16-mixed"` scales its loss by its scaler's factor, unscales
+    its gradients before clipping, skips a step whose gradients are not finite and updates
+    the factor after each step. One scaler for a pass would skip every member's step when one
+    member overflows, and move one factor for all: here each member keeps its own, and the
+    pass's precision plugin keeps only its autocast.
+    """
+
+    def __init__(self) -> None:
+        self.scalers: list[torch.amp.GradScaler] = []
+        self._states: list[dict[str, Any]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.scalers)
+
+    def take_over(self, plugin: Any, size: int) -> None:
+        """Give each of `size` members a copy of the plugin's fresh scaler and take the
+        plugin's away (its autocast stays). Nothing happens without an enabled scaler."""
+        scaler = getattr(plugin, "scaler", None)
+        if not isinstance(scaler, torch.amp.GradScaler) or not scaler.is_enabled():
+            return
+        self.scalers = [copy.deepcopy(scaler) for _ in range(size)]
+        plugin.scaler = None
+        for member_scaler, state in zip(self.scalers, self._states, strict=False):
+            member_scaler.load_state_dict(state)
+        self._states = []
+
+    def scale(self, losses: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
+        """Each listed member's loss times its own scale factor, `[K_active]`."""
+        if not self.scalers:
+            return losses
+        return torch.stack(
+            [self.scalers[k].scale(loss) for k, loss in zip(indices, losses.unbind(0), strict=True)]
+        )
+
+    def step(
+        self,
+        optimizers: Sequence[torch.optim.Optimizer],
+        members: Sequence[TaskModule],
+        indices: Sequence[int],
+        steps: StepOptions,
+    ) -> None:
+        """Member by member, as Lightning steps a run alone: unscale, clip, step unless the
+        gradients overflowed (the scaler reads that on the host, as it does alone), update."""
+        for k in indices:
+            scaler, optimizer = self.scalers[k], optimizers[k]
+            scaler.unscale_(optimizer)
+            steps.clip(members, [k])
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        """The scalers' states, for a checkpoint."""
+        return [scaler.state_dict() for scaler in self.scalers]
+
+    def load_state_dict(self, states: list[dict[str, Any]]) -> None:
+        """States from a checkpoint: loaded now, or when `take_over` makes the scalers."""
+        if self.scalers:
+            for scaler, state in zip(self.scalers, states, strict=True):
+                scaler.load_state_dict(state)
+        else:
+            self._states = list(states)

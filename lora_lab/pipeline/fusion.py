@@ -5,7 +5,8 @@ from what each adapter owns: `lora.rank`, `lora.alpha`, the method (`lora.method
 `use_rslora`, `use_dora`, `init`, `loraplus_lr_ratio`), `lora.dropout` and the optimizer and
 scheduler (`module.optimizer.lr` above all). Trainer options that Lightning applies only
 under automatic optimization (gradient clipping and accumulation) the pass applies per member
-(`step_options`); `max_steps` counts steps as each run alone counts them. The seed is
+(`step_options`); `max_steps` counts steps as each run alone counts them; fp16 gives each
+member its own gradient scaler. The seed is
 free, but `data.seed` follows it (it draws the batch order; the validation split has a seed of
 its own, `data.split_seed`, fixed per study), so runs of different seeds form separate groups,
 each seeing exactly the data its sequential runs see; fix `data.seed` to fuse across seeds. The fused runner (`fused`) trains each group.
@@ -42,7 +43,6 @@ OWN_LORA_KEYS = (
     "loraplus_lr_ratio",
 )
 OWN_MODULE_KEYS = ("optimizer", "scheduler")
-FP16 = ("16-mixed", "16", "16-true")
 
 
 def _plain(node: Any) -> Any:
@@ -64,13 +64,6 @@ def _differences(key: dict[str, Any], other: dict[str, Any]) -> list[str]:
 
 def _unsupported(run_cfg: DictConfig) -> str | None:
     """Why runs with this config cannot be fused, or None if they can."""
-    trainer = _plain(run_cfg.trainer)
-    if str(trainer.get("precision")) in FP16:
-        # Lightning's gradient scaler updates after every optimizer step: K times a batch.
-        return (
-            f"trainer.precision={trainer['precision']!r}: the fp16 gradient scaler would update "
-            "once per member; fused passes run in 32-true, bf16-mixed or bf16-true"
-        )
     network = instantiate(run_cfg.model)
     inject_lora(network, lora_config_of(run_cfg.lora))
     try:

@@ -116,3 +116,27 @@ def test_gradient_accumulation_and_max_steps_count_as_alone(tmp_path: Path):
         "+trainer.max_steps=4",
     )
     assert done.trainer.global_step == 4 and done.module.batches_seen == 4
+
+
+def test_fp16_gives_each_member_its_own_gradient_scaler(tmp_path: Path):
+    """fp16 autocast with a GradScaler on the CPU (Lightning's `precision="16-mixed"` turns into
+    bf16 there, so the plugin is given as such): each member scales, unscales, clips, skips
+    and steps as its run alone does, with its own scale factor. A scale of 2²⁴ overflows the
+    first steps' fp16 gradients; each member backs off as far as its own gradients need."""
+    scaler = "{_target_:torch.amp.GradScaler,device:cpu,init_scale:16777216.0}"
+    plugin = (
+        "{_target_:lightning.pytorch.plugins.precision.MixedPrecision,precision:16-mixed,"
+        f"device:cpu,scaler:{scaler}}}"
+    )
+    done = fused_and_alone(
+        tmp_path,
+        "sweep.alphas=[1,256]",
+        "stages.lora.max_epochs=3",
+        f"+trainer.plugins=[{plugin}]",
+        "trainer.precision=null",
+        "+trainer.gradient_clip_val=0.05",
+    )
+    assert done.trainer.precision_plugin.scaler is None  # each member's own scaler instead
+    scales = [scaler.get_scale() for scaler in done.module.scalers.scalers]
+    assert len(scales) == len(done.runs) == 4
+    assert max(scales) < 2**24 and len(set(scales)) > 1  # steps skipped, per member
