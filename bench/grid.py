@@ -48,8 +48,12 @@ def sweep(args: argparse.Namespace, out: Path, cache: Path, seed: str, fused: bo
     done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if done.returncode:
         sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    start = (out / "runs" / "full_finetune" / "result.json").stat().st_mtime
-    return max(p.stat().st_mtime for p in (out / "runs").glob("lora_*/result.json")) - start
+    # from the last result before the LoRA stage (the full finetune's, whatever its run ids)
+    results = list((out / "runs").glob("*/result.json"))
+    lora = [p.stat().st_mtime for p in results if p.parent.name.startswith("lora_")]
+    return max(lora) - max(
+        p.stat().st_mtime for p in results if not p.parent.name.startswith("lora_")
+    )
 
 
 def main() -> None:

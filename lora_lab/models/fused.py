@@ -215,7 +215,8 @@ class FusedLoRAModule(L.LightningModule):
         """
         optimizers = self.optimizers()
         if self.scalers:  # fp16: one optimizer and one scaler per member
-            raw = [optimizer.optimizer for optimizer in optimizers]
+            listed = optimizers if isinstance(optimizers, list) else [optimizers]
+            raw = [optimizer.optimizer for optimizer in listed]
             self.scalers.step(raw, self.members, indices, self.steps)
             # Lightning counts steps in LightningOptimizer.step, which the scalers bypass.
             progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
