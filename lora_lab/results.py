@@ -33,67 +33,37 @@ RESULTS_CSV = "results.csv"
 SET_ASIDE = "replaced"
 
 #: Columns of `results.csv`, in order; extra per-study columns (e.g. `delta_rel_error`) follow.
+# fmt: off
 COLUMNS: tuple[str, ...] = (
-    "run_id",
-    "stage",
-    "rank",
-    "alpha",
-    "seed",
-    "learning_rate",
-    "method",
-    "trainable_params",
-    "total_params",
-    "test_acc",
-    "test_loss",
-    "val_acc",
-    "per_class_acc",
-    "source_test_acc",
-    "train_seconds",
-    "epochs",
-    "run_dir",
-    "pass",
-    "selected",
-    "status",
-    "error",
+    "run_id", "stage", "rank", "alpha", "seed", "learning_rate", "method",
+    "trainable_params", "total_params", "full_rank_at",
+    "test_acc", "test_loss", "val_acc", "per_class_acc", "confusion", "train_classes",
+    "source_test_acc", "train_seconds", "epochs", "run_dir", "pass", "selected", "status", "error",
 )
 #: Columns a table may lack (it still reads, with the column empty): those added after the
 #: first studies were written, and the records a merged or filtered table need not carry. The
 #: others (`REQUIRED_COLUMNS`) are what the report's statistics and tables need.
 OPTIONAL_COLUMNS: tuple[str, ...] = (
-    "pass",
-    "method",
-    "val_acc",
-    "selected",
-    "total_params",
-    "per_class_acc",
-    "source_test_acc",
-    "train_seconds",
-    "epochs",
-    "run_dir",
-    "error",
+    "pass", "method", "val_acc", "selected", "total_params", "full_rank_at", "per_class_acc",
+    "confusion", "train_classes", "source_test_acc", "train_seconds", "epochs", "run_dir", "error",
 )
+# fmt: on
 REQUIRED_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c not in OPTIONAL_COLUMNS)
 #: `status`: finished, raised, left out, or went non-finite / stayed at chance (never averaged).
 STATUSES: tuple[str, ...] = ("ok", "failed", "skipped", "diverged")
 DIVERGED = "diverged"
 #: Numeric columns (empty cells read as NaN); the others are text.
+# fmt: off
 NUMERIC_COLUMNS: tuple[str, ...] = (
-    "rank",
-    "alpha",
-    "seed",
-    "learning_rate",
-    "trainable_params",
-    "total_params",
-    "test_acc",
-    "test_loss",
-    "val_acc",
-    "source_test_acc",
-    "train_seconds",
-    "epochs",
+    "rank", "alpha", "seed", "learning_rate", "trainable_params", "total_params", "full_rank_at",
+    "test_acc", "test_loss", "val_acc", "source_test_acc", "train_seconds", "epochs",
 )
+# fmt: on
 TEXT_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c not in NUMERIC_COLUMNS)
 #: Integer columns, kept as integers next to empty cells (pretrain rows have no rank).
-INTEGER_COLUMNS: tuple[str, ...] = ("rank", "seed", "trainable_params", "total_params", "epochs")
+INTEGER_COLUMNS: tuple[str, ...] = (
+    "rank", "seed", "trainable_params", "total_params", "full_rank_at", "epochs",
+)  # fmt: skip
 #: Columns that hold float32 metrics (written with 6 significant digits).
 METRIC_COLUMNS: tuple[str, ...] = ("test_acc", "test_loss", "val_acc", "source_test_acc")
 #: Added by `normalize_results`; not part of the file, never shown as an extra column.
@@ -120,8 +90,13 @@ class RunResult:
         rank, alpha, method: The LoRA settings (None for the other stages).
         seed, learning_rate: The run's seed and (LoRA or full-finetune) learning rate.
         trainable_params, total_params: Parameter counts of the trained network.
+        full_rank_at: LoRA only: the rank at which every adapted layer is full rank (the largest
+            min(out, in) over them), so a rank at or above it is no rank limit.
         test_acc, test_loss, val_acc: Metrics (`test_acc`/`val_acc` None for regression).
         per_class_acc: Test accuracy per class name.
+        confusion: Test confusion counts: {"predicted": [every class name], "counts": {true
+            class name: [count per predicted class]}}.
+        train_classes: The class names the run trained (and validated) on.
         source_test_acc: Pretrain only: accuracy on its own task when the finetune task differs.
         train_seconds: Time spent training (a fused pass's time shared out over its runs).
         epochs: Finished epochs.
@@ -145,10 +120,13 @@ class RunResult:
     method: str | None = None
     trainable_params: int | None = None
     total_params: int | None = None
+    full_rank_at: int | None = None
     test_acc: float | None = None
     test_loss: float | None = None
     val_acc: float | None = None
     per_class_acc: dict[str, float] | None = None
+    confusion: dict[str, Any] | None = None
+    train_classes: list[str] | None = None
     source_test_acc: float | None = None
     train_seconds: float | None = None
     epochs: int | None = None
@@ -279,8 +257,9 @@ def results_frame(
     rows = []
     for record in records:
         row = {k: v for k, v in record.items() if k not in RECORD_ONLY}
-        if isinstance(row.get("per_class_acc"), dict):
-            row["per_class_acc"] = json.dumps(row["per_class_acc"])
+        for column in ("per_class_acc", "confusion", "train_classes"):
+            if isinstance(row.get(column), (dict, list)):
+                row[column] = json.dumps(row[column])
         rows.append(row)
     frame = pd.DataFrame(rows)
     for column in COLUMNS:
@@ -382,19 +361,40 @@ def sort_by_stage(df: pd.DataFrame, then: tuple[str, ...] = ()) -> pd.DataFrame:
     return ordered.drop(columns="_stage").reset_index(drop=True)
 
 
-def parse_per_class(text: str, run_id: str = "?") -> dict[str, float]:
-    """Parse a `per_class_acc` cell (a JSON object); an empty or malformed cell gives `{}`.
-
-    Malformed cells are logged, not raised: a report should still render around a bad row.
-    """
-    if not text or text in ("{}", "nan"):
-        return {}
+def _json_cell(text: str, column: str, run_id: str, kind: type) -> Any:
+    """A JSON cell of `kind` (dict or list); None when empty or malformed. Malformed cells are
+    logged, not raised: a report should still render around a bad row."""
     try:
-        parsed = json.loads(text)
+        parsed = json.loads(text) if text and text != "nan" else None
     except json.JSONDecodeError:
-        log.warning("run %s: per_class_acc is not valid JSON; ignored", run_id)
-        return {}
-    if not isinstance(parsed, dict):
-        log.warning("run %s: per_class_acc is not a JSON object; ignored", run_id)
-        return {}
+        log.warning("run %s: %s is not valid JSON; ignored", run_id, column)
+        return None
+    if parsed is not None and not isinstance(parsed, kind):
+        log.warning("run %s: %s is not a JSON %s; ignored", run_id, column, kind.__name__)
+        return None
+    return parsed
+
+
+def parse_per_class(text: str, run_id: str = "?") -> dict[str, float]:
+    """Parse a `per_class_acc` cell (a JSON object); an empty or malformed cell gives `{}`."""
+    parsed = _json_cell(text, "per_class_acc", run_id, dict) or {}
     return {str(k): float(v) for k, v in parsed.items() if isinstance(v, (int, float))}
+
+
+def parse_train_classes(text: str, run_id: str = "?") -> list[str]:
+    """Parse a `train_classes` cell (a JSON list of names); empty or malformed gives []."""
+    return [str(name) for name in _json_cell(text, "train_classes", run_id, list) or []]
+
+
+def parse_confusion(text: str, run_id: str = "?") -> pd.DataFrame | None:
+    """Parse a `confusion` cell into counts [true class × predicted class] (index: true class
+    names, columns: predicted class names); None when empty or malformed (logged)."""
+    parsed = _json_cell(text, "confusion", run_id, dict)
+    try:
+        counts = pd.DataFrame.from_dict(parsed["counts"], orient="index", dtype=float)
+        counts.columns = [str(name) for name in parsed["predicted"]]
+    except (TypeError, KeyError, ValueError):
+        if parsed is not None:
+            log.warning("run %s: confusion is not {predicted, counts}; ignored", run_id)
+        return None
+    return counts

@@ -14,6 +14,8 @@ from lora_lab.results import (
     RunResult,
     find_results,
     normalize_results,
+    parse_confusion,
+    parse_train_classes,
     read_results,
     results_frame,
     write_result,
@@ -98,3 +100,20 @@ def test_a_results_summary_rounds_as_the_table_and_names_the_task(tmp_path: Path
         "pretrain: test_acc=0.0 test_loss=0.4 on the finetune task's test set; "
         "source_test_acc=0.9 on its own task's"
     )
+
+
+def test_confusion_trained_classes_and_full_rank_round_trip_through_the_table(tmp_path: Path):
+    counts = {"Sandal": [7, 3], "Shirt": [1, 9]}
+    result = finished(
+        confusion={"predicted": ["Sandal", "Shirt"], "counts": counts},
+        train_classes=["Sandal", "Shirt"],
+        full_rank_at=64,
+    )
+    results_frame([result.to_record()]).to_csv(tmp_path / "results.csv", index=False)
+    row = read_results(tmp_path / "results.csv").iloc[0]
+    assert row["full_rank_at"] == 64
+    assert parse_train_classes(row["train_classes"]) == ["Sandal", "Shirt"]
+    matrix = parse_confusion(row["confusion"])
+    assert matrix is not None and matrix.loc["Shirt"].tolist() == [1, 9]
+    assert list(matrix.columns) == ["Sandal", "Shirt"]
+    assert parse_confusion("[1, 2]") is None and parse_confusion("") is None

@@ -42,6 +42,7 @@ examples:
   lora-lab sweep sweep.seeds=auto                  # add seeds until the verdict is settled
   lora-lab sweep sweep.lr_extend=0                 # no grid steps past an edge choice (default 2)
   lora-lab sweep sweep.fused=false                 # every LoRA run under its own Trainer
+  lora-lab sweep sweep.verify=3                    # retrain 3 fused runs alone (default 1; 0: off)
   lora-lab sweep sweep.jobs=2 sweep.alphas=[1,16]  # 2 runs at a time; a rank × alpha grid
   lora-lab sweep trainer=ddp trainer.devices=2     # each run data-parallel on 2 devices
   lora-lab train stage=pretrain output_dir=outputs/base

@@ -80,10 +80,11 @@ def run_study(cfg: DictConfig, study_dir: Path, command_line: str, runs: list | 
     """`lora-lab sweep`'s job: the study, its folder and failures said, and its answer last.
 
     Returns:
-        The exit code: 1 if a run failed, else 0.
+        The exit code: 1 if a run failed or the exactness certificate failed, else 0.
     """
     from lora_lab.pipeline.console import say
     from lora_lab.pipeline.sweep import run_sweep
+    from lora_lab.report.certificate import certificate_line
 
     summary = run_sweep(cfg, study_dir, command_line, runs)
     say(f"study written to {study_dir} (results.csv, accuracy_vs_rank.png, report.md)")
@@ -91,6 +92,10 @@ def run_study(cfg: DictConfig, study_dir: Path, command_line: str, runs: list | 
     if failed:
         say(f"{len(failed)} run(s) failed: {', '.join(failed)}", logging.ERROR)
     say_recommendation(study_dir, cfg)
+    certificate = summary.get("certificate") or {}
+    if certificate.get("passed") is False:  # the last line: fused training was not exact
+        say(certificate_line(certificate), logging.ERROR)
+        return 1
     return 1 if failed else 0
 
 

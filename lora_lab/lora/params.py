@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from lora_lab.lora.layers import LoRALayer
+
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
     """Count trainable, frozen and total parameters (shared parameters once).
@@ -21,6 +23,19 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
         else:
             frozen += param.numel()
     return {"trainable": trainable, "frozen": frozen, "total": trainable + frozen}
+
+
+def full_rank_at(model: nn.Module) -> int | None:
+    """The smallest rank at which LoRA is full rank in every adapted layer of `model`.
+
+    A layer's update ΔW is a matrix [out, in] (a conv's [out, in·kh·kw], an embedding's
+    [num_embeddings, dim]); a rank-r adapter reaches every ΔW of that layer once
+    r ≥ min(out, in·kh·kw). The answer is the largest such minimum over the adapted layers,
+    read from their base weights; None when no layer is adapted.
+    """
+    layers = [m for m in model.modules() if isinstance(m, LoRALayer)]
+    weights = [layer.base_layer.weight for layer in layers]
+    return max((min(w.shape[0], w[0].numel()) for w in weights), default=None)
 
 
 def parameter_summary(model: nn.Module) -> str:

@@ -22,9 +22,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from lora_lab.lora import LoRAConfig, inject_lora, lora_parameter_groups, lora_parameters
+from lora_lab.lora.params import full_rank_at
 from lora_lab.models.run_state import restore_rng_state, save_rng_state, sum_dtype
 from lora_lab.models.weights import load_network_weights
 
@@ -52,6 +53,8 @@ class TaskModule(L.LightningModule, ABC):
         has_accuracy: Whether the task logs `<split>_acc` (the fused module reads it too).
         per_class_test_acc: After `trainer.test`, the per-class test accuracy `[C]`, or None
             for a task without classes.
+        test_confusion: After `trainer.test`, the test confusion matrix `[C, C]` (row: true
+            class, column: predicted class, counts), or None for a task without classes.
     """
 
     has_accuracy: ClassVar[bool] = False
@@ -73,6 +76,7 @@ class TaskModule(L.LightningModule, ABC):
         # steps log it), so a task with metrics fills this in its own __init__.
         self.metrics = nn.ModuleDict()
         self.per_class_test_acc: torch.Tensor | None = None
+        self.test_confusion: torch.Tensor | None = None
 
     # -- task-specific hooks ------------------------------------------------------------------
     @abstractmethod
@@ -87,7 +91,8 @@ class TaskModule(L.LightningModule, ABC):
         """Feed one validation/test batch to the split's metrics (the base has none)."""
 
     def update_per_class(self, output: torch.Tensor, target: torch.Tensor) -> None:
-        """Feed one test batch to the per-class accuracy (the base has no classes)."""
+        """Feed one test batch to the per-class accuracy and the confusion matrix (the base
+        has no classes)."""
 
     # -- Lightning hooks ----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -205,7 +210,8 @@ class ClassifierModule(TaskModule):
     """Cross-entropy classifier around any network mapping inputs to logits.
 
     Logs `train_acc`, `val_acc` and `test_acc` besides the losses; after `trainer.test` the
-    per-class test accuracy is in `per_class_test_acc`.
+    per-class test accuracy is in `per_class_test_acc` and the confusion matrix in
+    `test_confusion`.
 
     Args:
         network: Maps `[B, ...]` inputs to logits `[B, num_classes]`.
@@ -230,13 +236,15 @@ class ClassifierModule(TaskModule):
         self.metrics = self.build_metrics()
 
     def build_metrics(self) -> nn.ModuleDict:
-        """Validation/test accuracy plus per-class test accuracy (`average=None`)."""
+        """Validation/test accuracy, per-class test accuracy (`average=None`) and the test
+        confusion matrix (counts on the module's device, read once, after the test epoch)."""
         acc = lambda: MulticlassAccuracy(self.num_classes, average="micro")  # noqa: E731
         return nn.ModuleDict(
             {
                 "val_acc": acc(),
                 "test_acc": acc(),
                 "test_per_class": MulticlassAccuracy(self.num_classes, average=None),
+                "test_confusion": MulticlassConfusionMatrix(self.num_classes),
             }
         )
 
@@ -261,12 +269,16 @@ class ClassifierModule(TaskModule):
             self.update_per_class(output, target)
 
     def update_per_class(self, output: torch.Tensor, target: torch.Tensor) -> None:
-        """Feed one test batch (logits `[B, C]`, labels `[B]`) to the per-class accuracy."""
+        """Feed one test batch (logits `[B, C]`, labels `[B]`) to the per-class accuracy and
+        the confusion matrix."""
         self.metrics["test_per_class"].update(output, target)
+        self.metrics["test_confusion"].update(output, target)
 
     def on_test_epoch_end(self) -> None:
         self.per_class_test_acc = self.metrics["test_per_class"].compute().cpu()
+        self.test_confusion = self.metrics["test_confusion"].compute().cpu()
         self.metrics["test_per_class"].reset()
+        self.metrics["test_confusion"].reset()
 
 
 class RegressionModule(TaskModule):
@@ -317,6 +329,9 @@ class LoRAMixin:
         loraplus_lr_ratio: LoRA+: B (and DoRA's magnitude) learn at the optimizer's lr times
             this (`lora_lab.lora.lora_parameter_groups`); None: one lr for all.
         **kwargs: Passed on to the task module (optimizer, scheduler, num_classes, ...).
+
+    Attributes:
+        full_rank_at: The rank at which every adapted layer is full rank (`full_rank_at`).
     """
 
     network: nn.Module
@@ -333,6 +348,7 @@ class LoRAMixin:
             load_network_weights(network, pretrained)
         self.lora_config = lora if isinstance(lora, LoRAConfig) else LoRAConfig(**lora)
         self.wrapped_modules = inject_lora(network, self.lora_config)
+        self.full_rank_at = full_rank_at(network)
         self.loraplus_lr_ratio = loraplus_lr_ratio
         super().__init__(network=network, **kwargs)  # type: ignore[call-arg]
 

@@ -57,6 +57,8 @@ class SweepSchema:
     fused: bool = True
     restart: bool = False
     lr_extend: int = field(default=2, metadata=_bound(AT_LEAST_0))
+    verify: int = field(default=1, metadata=_bound(AT_LEAST_0))  # the exactness certificate
+    verify_tolerance: float = field(default=1e-5, metadata=_bound(POSITIVE))
 
 
 @dataclass
@@ -141,14 +143,8 @@ def describe(hint: Any) -> str:
     return _WORDS.get(hint, getattr(hint, "__name__", str(hint)))
 
 
-_WORDS = {
-    bool: "true or false",
-    int: "an integer",
-    float: "a number",
-    str: "a string",
-    Path: "a path",
-    type(None): "null",
-}
+_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_WORDS |= {Path: "a path", type(None): "null"}
 
 
 def _is_plain_words(words: str) -> bool:

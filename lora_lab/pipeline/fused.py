@@ -3,7 +3,9 @@ and the data (see `fusion` for which do) train together, in one pass over the da
 `FusedLoRAModule` under the stock Lightning `Trainer`.
 
 Each member is built exactly as `run_stage` builds it (seeded by its run's seed), so with
-dropout off a fused adapter equals its sequential one up to float rounding.
+dropout off a fused adapter equals its sequential one up to float rounding: both go through the
+one run lifecycle (`lifecycle`: folder, loggers, Trainer callbacks, resume point, log rows,
+tester, artefact and result); a fused pass adds the `ThreadChooser`.
 
 A group is one training pass, named `fused_<hash>` in the `pass` column of its rows. The pass
 saves `passes/<pass>/last.ckpt` at every epoch end; an interrupted pass resumes from it,
@@ -19,7 +21,6 @@ import copy
 import hashlib
 import itertools
 import shutil
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,34 +28,19 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from lora_lab.lora import save_adapter
 from lora_lab.lora.grouped import check_grouped
 from lora_lab.models import TaskModule
 from lora_lab.models.fused import FusedLoRAModule
-from lora_lab.pipeline.builders import build_module, single_device_trainer
-from lora_lab.pipeline.checkpointing import (
-    FinishedEpochs,
-    epoch_checkpoint,
-    log_before,
-    prepend_log,
-    resume_point,
-)
-from lora_lab.pipeline.console import progress_options, say
-from lora_lab.pipeline.cpu import ThreadChooser, retain_freed_memory
-from lora_lab.pipeline.fusion import TAKEN_OVER, Grouping, describe, fusable, step_options
+from lora_lab.pipeline.console import say
+from lora_lab.pipeline.cpu import retain_freed_memory
+from lora_lab.pipeline.fusion import Grouping, describe, fusable, pass_config, step_options
+from lora_lab.pipeline.lifecycle import Fit, RunSetup, TrainingPass
 from lora_lab.pipeline.plan import PlannedRun
 from lora_lab.pipeline.progress import Progress
-from lora_lab.pipeline.record import (
-    failed_result,
-    finished_result,
-    record,
-    tested_fields,
-)
-from lora_lab.pipeline.run_config import adapter_name_for, run_id_for
+from lora_lab.pipeline.record import failed_result, record, tested_fields
 from lora_lab.pipeline.sequential import say_outcome
-from lora_lab.pipeline.threads import ThreadBudget
 from lora_lab.results import RunResult
 
 PROBE_SIZE = 16
@@ -148,29 +134,36 @@ def train_fused(
 
 @dataclass
 class Member:
-    """One run of a fused pass: its per-run config, module (network + adapter) and loggers."""
+    """One run of a fused pass: its setup (config, folder, loggers) and module (network +
+    adapter)."""
 
     run: PlannedRun
-    cfg: DictConfig
+    setup: RunSetup
     module: TaskModule
-    loggers: list[Any]
+
+    @property
+    def cfg(self) -> DictConfig:
+        return self.setup.cfg
+
+    @property
+    def loggers(self) -> list[Any]:
+        return self.setup.loggers
 
     @classmethod
     def build(cls, run: PlannedRun, study_dir: Path, pretrained: Path) -> Member:
         """Build the run's module exactly as `run_stage` does, so it starts from the same init."""
-        run_cfg = copy.deepcopy(run.cfg)
+        setup = RunSetup.open(
+            copy.deepcopy(run.cfg),
+            study_dir,
+            run_id=run.run_id or None,
+            adapter=run.adapter or None,
+            identity=run.identity or None,
+            pretrained=pretrained,
+        )
         # A bare PlannedRun (tests) gets run_stage's default names.
-        run.run_id = run.run_id or run_id_for("lora", run.rank, float(run_cfg.lora.alpha), run.seed)
-        run.adapter = run.adapter or adapter_name_for(int(run.rank or 0), run.seed)
-        run_dir = study_dir / "runs" / run.run_id
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with open_dict(run_cfg):
-            run_cfg.run_id, run_cfg.run_dir = run.run_id, str(run_dir)
-        L.seed_everything(int(run_cfg.seed), workers=True, verbose=False)
-        instantiate(run_cfg.data)  # run_stage builds the data first; keep the RNG in step
-        module = build_module(run_cfg, instantiate(run_cfg.model), pretrained)
-        loggers = [instantiate(c) for c in run_cfg.logger.values()] if run_cfg.get("logger") else []
-        return cls(run, run_cfg, module, loggers)
+        run.run_id, run.adapter = setup.cfg.run_id, setup.adapter
+        module, _ = setup.build()  # the data too: the RNG stays in step with run_stage
+        return cls(run, setup, module)
 
 
 def pass_identity(group: Sequence[PlannedRun]) -> str:
@@ -221,46 +214,32 @@ def run_fused_group(
     pass_id = f"fused_{identity[:8]}"
     pass_dir = study_dir / PASSES / pass_id
     pass_dir.mkdir(parents=True, exist_ok=True)
-    resume_from, epoch = resume_point(pass_dir, identity, pass_id)
     cfg = members[0].cfg
-    callbacks = [*(instantiate(cfg.trainer.get("callbacks")) or []), FinishedEpochs()]
-    # The budget first: each epoch's ThreadChooser trial starts from it.
-    callbacks += [ThreadBudget(cfg), ThreadChooser()]
-    callbacks += [epoch_checkpoint(pass_dir)]
-    progress, progress_callbacks = progress_options(cfg.trainer, f"{pass_id} ({len(members)} runs)")
-    trainer = instantiate(
-        cfg.trainer,
-        logger=False,
-        callbacks=callbacks + progress_callbacks,
-        enable_checkpointing=True,
-        default_root_dir=str(pass_dir),
-        **progress,
-        **TAKEN_OVER,  # the module applies them per member
+    setups = [member.setup for member in members]
+    training = TrainingPass(  # its Trainer without the options the module applies per member
+        pass_config(cfg),
+        pass_dir,
+        pass_id,
+        setups,
+        identity=identity,
+        loggers=False,
+        choose_threads=True,
     )
-    # Before the loggers open their files (a CSV logger's writer deletes an old metrics.csv).
-    earlier = [log_before(Path(m.cfg.run_dir), epoch) for m in members]
     for member in members:
         for logger in member.loggers:
             logger.log_hyperparams(datamodule.hparams)  # hparams.yaml, as the Trainer writes
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)  # reproducible dropout
     retain_freed_memory()
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
-    seconds = time.perf_counter() - start
-    for member, rows in zip(members, earlier, strict=True):
-        if rows is not None:
-            prepend_log(Path(member.cfg.run_dir), rows)
-    epochs = int(trainer.callback_metrics.get(FinishedEpochs.KEY, trainer.current_epoch))
-    tester = trainer if trainer.world_size == 1 else single_device_trainer(cfg, pass_dir)
+    fit = training.fit(module, datamodule)
     if module.indices():
-        tester.test(module, datamodule=datamodule, verbose=False)
+        training.tester().test(module, datamodule=datamodule, verbose=False)
     # Under a multi-process strategy the workers wrote the members' logs; the parent's loggers
     # never saw those rows, and a CSV logger would rewrite the file with the test row alone
     # (the sequential path tests without a logger then, too).
-    log_test = trainer.world_size == 1
+    log_test = fit.trainer.world_size == 1
     results = [
-        _finish(k, m, module, datamodule, pretrained, study_dir, pass_id, seconds, epochs, log_test)
-        for k, m in enumerate(members)
+        _finish(k, member, module, datamodule, fit, pass_id, log_test)
+        for k, member in enumerate(members)
     ]
     for member, result in zip(members, results, strict=True):
         record(member.run.cfg, study_dir, result, env)  # as `execute` records it
@@ -280,11 +259,8 @@ def _finish(
     member: Member,
     module: FusedLoRAModule,
     datamodule: Any,
-    pretrained: Path,
-    study_dir: Path,
+    fit: Fit,
     pass_id: str,
-    seconds: float,
-    epochs: int,
     log: bool = True,
 ) -> RunResult:
     """Member k's row: its test row logged (if `log`), its adapter saved, its loggers
@@ -298,23 +274,15 @@ def _finish(
         say_outcome(member.run, result)
         return result
     for logger in member.loggers if log else []:
-        logger.log_metrics({**tested, "epoch": epochs}, step=int(module.batches_seen))
+        logger.log_metrics({**tested, "epoch": fit.epochs}, step=int(module.batches_seen))
         logger.finalize("success")
-    save_adapter(member.module.network, study_dir / "adapters" / member.run.adapter)
-    result = finished_result(
-        member.cfg,
+    result = member.setup.finish(
         member.module,
         datamodule,
         tested_fields(tested, member.module, datamodule),
-        source_test_acc=None,
-        # The pass's training time, shared out: the column still sums to the time spent.
-        train_seconds=seconds / len(module.members),
-        epochs=epochs,
-        identity=member.run.identity or None,
-        pretrained=pretrained,
-        pass_id=pass_id,
+        fit,
         val_acc=module.val_metrics.get(k, {}).get("val_acc"),
-        artefact=f"adapters/{member.run.adapter}",
+        pass_id=pass_id,
     )
     say_outcome(member.run, result)  # at chance: diverged
     return result

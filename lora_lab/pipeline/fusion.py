@@ -14,11 +14,12 @@ each seeing exactly the data its sequential runs see; fix `data.seed` to fuse ac
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lora_lab.lora import inject_lora
 from lora_lab.lora.grouped import GroupingError, check_groupable
@@ -27,7 +28,7 @@ from lora_lab.pipeline.methods import lora_config_of
 from lora_lab.pipeline.plan import PlannedRun
 from lora_lab.pipeline.resume import flatten
 
-__all__ = ["TAKEN_OVER", "Grouping", "describe", "fusable", "step_options"]
+__all__ = ["TAKEN_OVER", "Grouping", "describe", "fusable", "pass_config", "step_options"]
 
 # What each member owns: these may differ within a group. The method is the adapter's own:
 # a PiSSA member keeps the shared pretrained weight and adds its fixed correction, a DoRA
@@ -71,6 +72,17 @@ def _unsupported(run_cfg: DictConfig) -> str | None:
     except GroupingError as error:
         return str(error)
     return None
+
+
+def pass_config(run_cfg: DictConfig) -> DictConfig:
+    """The config a fused pass builds its Trainer from: the run's, with the Trainer options
+    the module applies per member (`step_options`) set to `TAKEN_OVER` (Lightning refuses
+    them under manual optimization)."""
+    cfg = copy.deepcopy(run_cfg)
+    with open_dict(cfg):
+        for key, value in TAKEN_OVER.items():
+            cfg.trainer[key] = value
+    return cfg
 
 
 def step_options(run_cfg: DictConfig) -> StepOptions:

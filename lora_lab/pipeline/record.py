@@ -73,18 +73,29 @@ def divergence(
 def tested_fields(
     metrics: dict[str, float], module: TaskModule, datamodule: L.LightningDataModule
 ) -> dict[str, Any]:
-    """A row's test columns from the test metrics and the module's per-class accuracy."""
+    """A row's test columns from the test metrics and the module's per-class accuracy and
+    confusion matrix (rows: the tested classes; columns: every class the network predicts)."""
     out: dict[str, Any] = {
         "test_loss": float(metrics["test_loss"]),
         "test_acc": float(metrics["test_acc"]) if "test_acc" in metrics else None,
         "per_class_acc": {},
     }
-    per_class = module.per_class_test_acc
+    per_class, confusion = module.per_class_test_acc, module.test_confusion
     if per_class is not None:
         indices = getattr(datamodule, "class_indices", None) or range(len(per_class))
         names = getattr(datamodule, "class_names", None) or [str(i) for i in range(len(per_class))]
         out["per_class_acc"] = {names[i]: round(float(per_class[i]), 6) for i in indices}
+        if confusion is not None:
+            counts = {names[i]: [int(n) for n in confusion[i]] for i in indices}
+            out["confusion"] = {"predicted": names[: len(confusion)], "counts": counts}
     return out
+
+
+def trained_fields(module: TaskModule, datamodule: Any) -> dict[str, Any]:
+    """What a row records of the run's own training: the classes it trained on (a
+    classification task's), and for LoRA the rank at which every adapted layer is full rank."""
+    classes = getattr(datamodule, "selected_class_names", None)
+    return {"train_classes": classes, "full_rank_at": getattr(module, "full_rank_at", None)}
 
 
 def relative_delta_error(
@@ -134,10 +145,9 @@ def finished_result(
         pretrained: The weights the run started from.
         artefact: The adapter folder or weights file the run saved, relative to the study.
         pass_id: The training pass that trained it; "" for a run trained on its own.
-        val_acc: The validation accuracy after the last epoch (what learning rates are chosen
-            by; None for regression).
+        val_acc: The last epoch's validation accuracy (learning rates are chosen by it).
     """
-    stage, run_id = run_cfg.stage, run_cfg.run_id
+    stage, run_id, lora = run_cfg.stage, run_cfg.run_id, run_cfg.stage == "lora"
     counts = count_parameters(module.network)
     fingerprint = getattr(datamodule, "fingerprint", None)
     delta_error = relative_delta_error(module, datamodule, pretrained)
@@ -145,11 +155,11 @@ def finished_result(
     return RunResult(
         run_id=run_id,
         stage=stage,
-        rank=int(run_cfg.lora.rank) if stage == "lora" else None,
-        alpha=float(run_cfg.lora.alpha) if stage == "lora" else None,
+        rank=int(run_cfg.lora.rank) if lora else None,
+        alpha=float(run_cfg.lora.alpha) if lora else None,
         seed=int(run_cfg.seed),
         learning_rate=float(run_cfg.module.optimizer.lr),
-        method=method_of(run_cfg.lora) if stage == "lora" else None,
+        method=method_of(run_cfg.lora) if lora else None,
         trainable_params=counts["trainable"],
         total_params=counts["total"],
         val_acc=None if val_acc is None else float(val_acc),
@@ -164,7 +174,7 @@ def finished_result(
         data_fingerprint=fingerprint() if callable(fingerprint) else None,
         status=DIVERGED if why else "ok",
         error=why,
-        **tested,
+        **(tested | trained_fields(module, datamodule)),
     )
 
 

@@ -52,6 +52,8 @@ _STUDY_FREE = {
     "threads",
     "report.tolerance",
     "report.max_seeds",
+    "sweep.verify",
+    "sweep.verify_tolerance",
 }
 # What marks a folder as lora_lab's (a sweep's study.json, the runs of `lora-lab train`, Hydra's
 # record of a run or of a multirun): a non-empty folder with none of them is someone's own, which no study writes into.
@@ -228,6 +230,8 @@ def set_aside(study_dir: Path) -> Path | None:
         STUDY_FILE,
         "report.md",
         "analysis.csv",
+        "verify",
+        "verify.json",
     ]
     present = [study_dir / n for n in names if (study_dir / n).exists()]
     present += sorted(study_dir.glob("*.png"))

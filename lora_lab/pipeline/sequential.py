@@ -2,7 +2,8 @@
 Lightning Trainer, and `execute`, which runs a planned run and records it, failed or not.
 
 A run is: its config → DataModule + network → LightningModule → a fresh Trainer → fit → test
-→ artefact (weights or adapter) → a `RunResult`. `run_stage` returns the result and the built
+→ artefact (weights or adapter) → a `RunResult`, a training pass of one run through the one
+lifecycle every runner uses (`lifecycle`). `run_stage` returns the result and the built
 objects so tests can inspect them.
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 import traceback
 import warnings
 from collections.abc import Sequence
@@ -20,28 +20,14 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
-from lora_lab.lora import save_adapter
-from lora_lab.models import (
-    TaskModule,
-    save_network_weights,
-)
-from lora_lab.pipeline.builders import build_module, single_device_trainer
-from lora_lab.pipeline.checkpointing import (
-    FinishedEpochs,
-    epoch_checkpoint,
-    log_before,
-    prepend_log,
-    resume_point,
-)
-from lora_lab.pipeline.console import progress_options, say
+from lora_lab.models import TaskModule
+from lora_lab.pipeline.console import say
+from lora_lab.pipeline.lifecycle import RunSetup, TrainingPass
 from lora_lab.pipeline.plan import PlannedRun
 from lora_lab.pipeline.progress import Progress
-from lora_lab.pipeline.record import failed_result, finished_result, record, tested_fields
-from lora_lab.pipeline.run_config import adapter_name_for, run_id_for
-from lora_lab.pipeline.threads import ThreadBudget
+from lora_lab.pipeline.record import failed_result, record, tested_fields
 from lora_lab.results import DIVERGED, RunResult
 
 log = logging.getLogger(__name__)
@@ -78,40 +64,14 @@ def run_test(
     return tested_fields(metrics, module, datamodule)
 
 
-def _trainer(
-    run_cfg: DictConfig, run_dir: Path, identity: str | None, run_id: str
-) -> tuple[L.Trainer, Path | None, int]:
-    """The run's Trainer, and where it resumes: `(trainer, last.ckpt or None, epochs held)`."""
-    loggers = [instantiate(c) for c in run_cfg.logger.values()] if run_cfg.get("logger") else []
-    # Callbacks listed in the trainer config (e.g. trainer=ddp's replica check) come first.
-    callbacks: list[Callback] = list(instantiate(run_cfg.trainer.get("callbacks")) or [])
-    callbacks += [FinishedEpochs(), ThreadBudget(run_cfg)]
-    resume_from, epoch = None, 0
-    if identity is not None:
-        resume_from, epoch = resume_point(run_dir, identity, run_id)
-        callbacks.append(epoch_checkpoint(run_dir))
-    progress, progress_callbacks = progress_options(run_cfg.trainer, run_id)
-    trainer = instantiate(
-        run_cfg.trainer,
-        logger=loggers,
-        callbacks=callbacks + progress_callbacks,
-        enable_checkpointing=bool(callbacks),
-        default_root_dir=str(run_dir),
-        **progress,
-    )
-    return trainer, resume_from, epoch
-
-
 def _test_stage(
     run_cfg: DictConfig,
-    trainer: L.Trainer,
+    tester: L.Trainer,
     module: TaskModule,
     datamodule: L.LightningDataModule,
     target_data: DictConfig | None,
 ) -> tuple[dict[str, Any], float | None]:
     """Test columns, and for pretrain its own task's accuracy when the finetune data differ."""
-    run_dir = Path(run_cfg.run_dir)
-    tester = trainer if trainer.world_size == 1 else single_device_trainer(run_cfg, run_dir)
     tested = run_test(tester, module, datamodule)
     if run_cfg.stage != "pretrain":
         return tested, None
@@ -153,49 +113,27 @@ def run_stage(
     everything else, every file write included, happens in this process, which is rank 0's
     parent. Testing then runs here on one device (see `single_device_trainer`).
     """
-    stage, seed = run_cfg.stage, int(run_cfg.seed)
-    rank = int(run_cfg.lora.rank) if stage == "lora" else None
-    alpha = float(run_cfg.lora.alpha) if stage == "lora" else None
-    run_id = run_id or run_id_for(stage, rank, alpha, seed)
-    run_dir = study_dir / "runs" / run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open_dict(run_cfg):
-        run_cfg.run_id, run_cfg.run_dir = run_id, str(run_dir)
-
-    L.seed_everything(seed, workers=True, verbose=False)
-    datamodule = instantiate(run_cfg.data)
-    module = build_module(run_cfg, instantiate(run_cfg.model), pretrained)
-    trainer, resume_from, epoch = _trainer(run_cfg, run_dir, identity, run_id)
-    start = time.perf_counter()
-    earlier_log = log_before(run_dir, epoch if resume_from else 0)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
-    train_seconds = time.perf_counter() - start
-    if earlier_log is not None:
-        prepend_log(run_dir, earlier_log)
-
-    epochs = int(trainer.callback_metrics.get(FinishedEpochs.KEY, trainer.current_epoch))
-    val_acc = trainer.callback_metrics.get("val_acc")  # the last epoch's; read before testing
-    tested, source_test_acc = _test_stage(run_cfg, trainer, module, datamodule, target_data)
-    if stage == "lora":
-        artefact = f"adapters/{adapter_name or adapter_name_for(int(rank or 0), seed)}"
-        save_adapter(module.network, study_dir / artefact)
-    else:
-        artefact = f"checkpoints/{run_id}.safetensors"
-        save_network_weights(module.network, study_dir / artefact)
-    result = finished_result(
+    run = RunSetup.open(
         run_cfg,
-        module,
-        datamodule,
-        tested,
-        source_test_acc=source_test_acc,
-        train_seconds=train_seconds,
-        epochs=epochs,
+        study_dir,
+        run_id=run_id,
+        adapter=adapter_name,
         identity=identity,
         pretrained=pretrained,
-        artefact=artefact,
-        val_acc=None if val_acc is None else float(val_acc),
     )
-    return StageRun(result=result, module=module, datamodule=datamodule, trainer=trainer)
+    module, datamodule = run.build()
+    training = TrainingPass(
+        run_cfg, run.run_dir, run_cfg.run_id, [run], identity=identity, loggers=run.loggers
+    )
+    fit = training.fit(module, datamodule)
+    val_acc = fit.trainer.callback_metrics.get("val_acc")  # the last epoch's; read before testing
+    tested, source_test_acc = _test_stage(
+        run_cfg, training.tester(), module, datamodule, target_data
+    )
+    result = run.finish(
+        module, datamodule, tested, fit, val_acc=val_acc, source_test_acc=source_test_acc
+    )
+    return StageRun(result=result, module=module, datamodule=datamodule, trainer=fit.trainer)
 
 
 def execute(

@@ -6,7 +6,8 @@ run ends, so the table on disk is always complete up to the last finished run. R
 same command into the same `output_dir` skips finished runs and resumes interrupted ones (see
 `resume`). With `sweep.fused=true` (the default) LoRA runs that can share a pass train in one
 (`fused`); with `sweep.jobs=N` the other runs after pretrain go N at a time through a process
-pool (`parallel`); what is written is the same.
+pool (`parallel`); what is written is the same. Last, `sweep.verify` fused members are retrained
+alone for the exactness certificate (`certificate`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from omegaconf import DictConfig
 from lora_lab._atomic import atomic_write_text
 from lora_lab.pipeline.adaptive import grow
 from lora_lab.pipeline.builders import devices_of
+from lora_lab.pipeline.certificate import certify
 from lora_lab.pipeline.console import say
 from lora_lab.pipeline.environment import environment
 from lora_lab.pipeline.fused import PASSES, train_fused
@@ -57,7 +59,8 @@ def run_sweep(
 
     Returns:
         `{"results": DataFrame, "failed": [run ids], "diverged": [run ids], "skipped":
-        [run ids]}`; a diverged run is a result, not a failure.
+        [run ids], "certificate": verify.json's content}`; a diverged run is a result, not a
+        failure; a certificate whose `passed` is False is one (`certificate.certify`).
     """
     if runs is None:
         runs = plan(cfg)  # every run, its config, identity and name; every plain value checked
@@ -75,6 +78,7 @@ def run_sweep(
 
     if not progress.failed:  # a pass that failed left its folder; its runs went on their own
         shutil.rmtree(study_dir / PASSES, ignore_errors=True)
+    certificate = certify(cfg, progress.runs, study_dir, study_dir / PRETRAINED)
     frame, _ = write_results_csv(study_dir)
     write_report(study_dir)
     if progress.skipped:
@@ -92,6 +96,7 @@ def run_sweep(
         "failed": progress.failed,
         "diverged": progress.diverged,
         "skipped": progress.skipped,
+        "certificate": certificate,
     }
 
 

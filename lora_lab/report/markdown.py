@@ -10,7 +10,10 @@ import pandas as pd
 
 from lora_lab._atomic import atomic_write_text
 from lora_lab.report import plots
+from lora_lab.report.certificate import certificate_section
+from lora_lab.report.confusion import CONFUSION_PNG, write_confusion
 from lora_lab.report.curves import metrics_path
+from lora_lab.report.forgetting import forgetting_section
 from lora_lab.report.labels import format_value, main_metric, varying_lora_dims
 from lora_lab.report.lr_heatmap import HEATMAP_FILE, plot_lr_heatmap
 from lora_lab.report.provenance import (
@@ -47,6 +50,8 @@ PLOTS: list[tuple[str, str, Callable[[Path, pd.DataFrame, Path], Path | None]]] 
     ("curves.png", "Training and validation curves", plots.plot_curves),
     ("per_class.png", "Per-class accuracy",
      lambda study, df, path: plots.plot_per_class(df, path)),
+    (CONFUSION_PNG, "Confusion matrices (confusion.csv)",
+     lambda study, df, path: write_confusion(df, study)),
 ]  # fmt: skip
 
 
@@ -310,6 +315,7 @@ def write_report(study_dir: str | Path, tolerance: float | None = None) -> Path:
     lines += command_and_environment(info)
     tolerance = study_tolerance(info) if tolerance is None else tolerance
     lines += recommended_section(df, tolerance, study_level(info))
+    lines += forgetting_section(df)
     headline = _headline(tuned_rows(df)[0])
     if headline:
         lines += ["## Headline", "", *headline, ""]
@@ -324,5 +330,6 @@ def write_report(study_dir: str | Path, tolerance: float | None = None) -> Path:
         lines += ["## Failed runs", "", "Diverged runs are listed too.", "", markdown_table(errors)]
     lines += _draw_plots(study, df)
     lines += analysis_section(study)
+    lines += certificate_section(study)
     lines += config_section(study)
     return atomic_write_text(study / REPORT_FILE, "\n".join(lines).rstrip() + "\n")

@@ -3,6 +3,13 @@
 The top panel is each class's test accuracy; the bottom one its change from before
 finetuning, so that a study which finetunes on some classes and tests on all of them shows at a
 glance which classes went up and what the others lost.
+
+Every configuration is drawn at its validation-chosen learning rate (`selection.selected_mask`:
+no bar pools learning rates), and when there are too many LoRA configurations to draw, the one
+with the best mean validation accuracy stands for them (test data never chooses). What carries
+no information is left out: a pretrained network that scores 0 on every tested class (a task
+shift: it never learnt them) is no "before" series, and then no change panel either, which
+would only repeat the accuracies.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from lora_lab.plotting import (
 )
 from lora_lab.report.figures import figure_legend
 from lora_lab.report.labels import config_label, varying_lora_dims
+from lora_lab.report.selection import selected_mask
 from lora_lab.results import normalize_results, ok_runs, parse_per_class
 
 BEFORE = "before finetuning"
@@ -41,32 +49,40 @@ FULL = "full finetune"
 MAX_LORA_MODELS = 4
 
 
+def best_on_validation(rows: pd.DataFrame, labels: pd.Series) -> str | None:
+    """The label whose rows have the best mean validation accuracy; None without any."""
+    means = rows["val_acc"].groupby(labels).mean().dropna()
+    return None if means.empty else str(means.idxmax())
+
+
 def _lora_models(lora: pd.DataFrame, df: pd.DataFrame) -> dict[str, pd.Series]:
-    """Label → row mask of the LoRA configurations to draw: each, or the best when many.
+    """Label → row mask of the LoRA configurations to draw: each, or the best on validation
+    when there are more than `MAX_LORA_MODELS` (none when no row has a validation accuracy).
 
     Args:
-        lora: Finished LoRA rows with a test accuracy and per-class numbers.
+        lora: Finished LoRA rows at their chosen learning rates, with per-class numbers.
         df: The whole normalized table (for the varying hyper-parameters).
     """
     if lora.empty:
         return {}
-    labels = lora.apply(lambda row: config_label(row, varying_lora_dims(df)), axis=1)
+    labels = lora.apply(lambda row: config_label(row, varying_lora_dims(df, tuned=True)), axis=1)
     order = lora.assign(label=labels).sort_values(["rank", "label"])["label"].unique()
     if len(order) <= MAX_LORA_MODELS:
         return {label: labels == label for label in order}
-    best = lora["test_acc"].groupby(labels).mean().idxmax()
-    return {f"best {best}": labels == best}
+    best = best_on_validation(lora, labels)
+    return {} if best is None else {f"best {best}": labels == best}
 
 
 def per_class_table(df: pd.DataFrame) -> pd.DataFrame:
     """Long table ``model, run_id, class, accuracy`` for the per-class comparison.
 
-    Models: the pretrained model ("before finetuning"), full finetuning, and LoRA: each
+    Models, each at its validation-chosen learning rate: the pretrained model ("before
+    finetuning", left out when it scores 0 on every class), full finetuning, and LoRA: each
     configuration when there are at most ``MAX_LORA_MODELS``, else the one with the best mean
-    test accuracy ("best LoRA r=…"), among the runs reporting per-class numbers.
+    validation accuracy ("best LoRA r=…"), among the runs reporting per-class numbers.
     """
     df = normalize_results(df)
-    runs = ok_runs(df)
+    runs = ok_runs(df[selected_mask(df)])
     parsed = pd.Series(
         [parse_per_class(t, r) for t, r in zip(runs["per_class_acc"], runs["run_id"], strict=True)],
         index=runs.index,
@@ -82,7 +98,9 @@ def per_class_table(df: pd.DataFrame) -> pd.DataFrame:
                 for name, accuracy in parsed[index].items()
             )
 
-    add(runs[runs["stage"] == "pretrain"], BEFORE)
+    pretrain = runs[runs["stage"] == "pretrain"]
+    if any(max(parsed[index].values()) > 0 for index in pretrain.index):
+        add(pretrain, BEFORE)
     add(runs[runs["stage"] == "full_finetune"], FULL)
     lora = runs[(runs["stage"] == "lora") & runs["test_acc"].notna()]
     for label, mask in _lora_models(lora, df).items():
@@ -150,7 +168,8 @@ def draw_per_class(df: pd.DataFrame) -> Figure | None:
                 tick.set_horizontalalignment("right")
         several = table.groupby("model")["run_id"].nunique().max() > 1
         spread = " (mean ± sd over seeds)" if several else ""
-        fig.suptitle(f"Per-class test accuracy, before and after finetuning{spread}")
+        before = "before and after" if BEFORE in models else "after"
+        fig.suptitle(f"Per-class test accuracy {before} finetuning (chosen on validation){spread}")
         figure_legend(fig, [row[0] for row in axes])
     return fig
 
@@ -159,9 +178,10 @@ def plot_per_class(df: pd.DataFrame, path: str | Path) -> Path | None:
     """Per-class accuracy before finetuning, after full finetuning and after LoRA.
 
     Top: each class's test accuracy. Bottom (when the pretrained model has per-class
-    numbers): the change from before finetuning. LoRA is each configuration when there are
-    at most ``MAX_LORA_MODELS`` (coloured low to high rank), else the best. Bars are means over
-    seeds (±1 sd when there are several).
+    numbers, not all 0): the change from before finetuning. Each configuration at its
+    validation-chosen learning rate; LoRA is each configuration when there are at most
+    ``MAX_LORA_MODELS`` (coloured low to high rank), else the best on validation. Bars are means
+    over seeds (±1 sd when there are several).
 
     Args:
         df: The results table (failed rows are ignored).

@@ -78,7 +78,7 @@ def rank_tests_table(recommendation: Recommendation, tolerance: float) -> pd.Dat
                 "rank": f"{test.rank}" + (" (full rank)" if test.full_rank else ""),
                 "trainable params": f"{test.params:,.0f}{share}",
                 "seeds (LoRA / full)": f"{test.seeds[0]} / {test.seeds[1]}",
-                "test_acc": f"{test.mean:.4f}",
+                "fit" if recommendation.measure else "test_acc": f"{test.mean:.4f}",
                 "gap (points)": f"{100 * test.interval.gap:.2f}",
                 f"two-sided {level(recommendation.confidence)} interval": _interval(test),
                 f"one-sided {level(recommendation.confidence)} upper bound": (
@@ -129,9 +129,10 @@ def recommended_section(df: pd.DataFrame, tolerance: float, confidence: float) -
         "interval clears the tolerance on one side (upper bound below it, or lower bound "
         f"above it, ≥ {MIN_SEEDS} seeds a side); `sweep.seeds=auto` adds seeds until every rank "
         "tested up to the first settled fail is settled, or `report.max_seeds` is reached. "
-        "*Full rank* is marked only when "
-        "the parameter counts prove it (rank ≥ half the parameters each rank adds); results.csv "
-        "holds no layer shapes, so a smaller full rank is not shown.",
+        "*Full rank*: the rank is at least min(in, out) of every adapted layer (`full_rank_at` "
+        "in results.csv), so every update of those layers is within its reach; tables written before that "
+        "column mark none. *Fit*: in a study that tests classes it does not finetune on, the "
+        "gap is taken on the finetune classes (see Fit and forgetting).",
         "",
     ]
     return lines

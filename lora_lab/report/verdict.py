@@ -11,6 +11,10 @@ fewer than 3 seeds on either side; the recommended rank is the last that passed.
 sequence keeps the family-wise error at 5% with no multiplicity correction. A rank with as many
 trainable parameters as the full finetune, or more, saves nothing: it is shown, never tested.
 
+A study that tests classes it does not finetune on is judged on fit, the test accuracy on the
+finetune classes (`report.forgetting`). With no rank recommended, a largest rank that is full
+rank in every adapted layer (`full_rank_at`) and not non-inferior shows the gap is no rank limit.
+
 Collapsed seeds (identical values, zero variance) are handled by hand, where scipy's t-test
 would warn and return NaN: with no spread on either side the bound is the gap itself; with
 spread on one side only, ν = n − 1 of that side (Welch–Satterthwaite's limit).
@@ -37,12 +41,13 @@ seed borrows the other's spread); when g ≥ tolerance no number of seeds can cl
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
+from lora_lab.report.forgetting import class_split, fit_accuracy
 from lora_lab.report.selection import selected_mask
 
 DEFAULT_TOLERANCE = 0.01  # one accuracy point
@@ -55,13 +60,8 @@ MAX_SEEDS_ESTIMATE = 1000  # past this, "more than 1000" says enough
 SETTLED_PASS, SETTLED_FAIL, UNSETTLED = "settled pass", "settled fail", "unsettled"
 
 #: Verdicts of one rank, as the report's table shows them.
-PASS, FAIL, FEW_SEEDS, NOT_TESTED, NO_SAVING = (
-    "pass",
-    "fail",
-    "too few seeds",
-    "not tested",
-    "no saving",
-)
+PASS, FAIL, FEW_SEEDS = "pass", "fail", "too few seeds"
+NOT_TESTED, NO_SAVING = "not tested", "no saving"
 
 
 @dataclass(frozen=True)
@@ -174,8 +174,8 @@ class RankTest:
         interval: Its gap to the full finetune (`Gap`).
         seeds: Finished seeds of the rank and of the full finetune.
         params: Its trainable parameters.
-        full_rank: True when the parameter counts prove the rank is at least every adapted
-            layer's full rank (see `full_rank_ranks`).
+        full_rank: True when the rank is at least every adapted layer's full rank, min(out,
+            in), as its runs recorded it (`full_rank_at`; False for tables without it).
         verdict: One of PASS, FAIL, FEW_SEEDS, NOT_TESTED (after the sequence stopped) and
             NO_SAVING (as many trainable parameters as the full finetune, or more).
         needed: Estimated seeds per side for the bound to clear the tolerance (None: cannot).
@@ -189,30 +189,6 @@ class RankTest:
     full_rank: bool
     verdict: str
     needed: int | None
-
-
-def full_rank_ranks(params_by_rank: dict[int, float]) -> set[int]:
-    """The ranks the parameter counts prove full rank in every adapted layer.
-
-    A LoRA adapter trains rank·Σ(in + out) parameters over its layers, plus a constant
-    (DoRA magnitudes, saved modules), so with two or more ranks the slope a = Σ(in + out) is
-    known. Each layer's full rank min(in, out) is at most (in + out)/2 ≤ a/2, so a rank ≥ a/2
-    is full rank everywhere. Smaller ranks may be too, but results.csv cannot tell.
-
-    Args:
-        params_by_rank: Trainable parameters of one method at each rank.
-
-    Returns:
-        The proven ranks; empty when the counts are not exactly linear in the rank.
-    """
-    ranks = sorted(params_by_rank)
-    if len(ranks) < 2:
-        return set()
-    slope = (params_by_rank[ranks[-1]] - params_by_rank[ranks[0]]) / (ranks[-1] - ranks[0])
-    base = params_by_rank[ranks[0]] - slope * ranks[0]
-    if slope <= 0 or any(abs(base + slope * r - params_by_rank[r]) > 0.5 for r in ranks):
-        return set()
-    return {rank for rank in ranks if rank >= slope / 2}
 
 
 def _points(value: float) -> str:
@@ -231,6 +207,8 @@ class Recommendation:
         full_params: The full finetune's trainable parameters.
         tests: Every rank's test, largest rank first (the order of the sequence).
         confidence: The one-sided confidence of every test (`study_confidence`).
+        measure: What the test accuracy is taken on when it is not the whole test set (a
+            study testing classes it does not finetune on is judged on fit); "" otherwise.
     """
 
     method: str
@@ -239,6 +217,7 @@ class Recommendation:
     full_params: float
     tests: tuple[RankTest, ...]
     confidence: float = CONFIDENCE
+    measure: str = ""
 
     @property
     def chosen(self) -> RankTest | None:
@@ -252,7 +231,8 @@ class Recommendation:
 
     def sentence(self, tolerance: float) -> str:
         """One line for the terminal and the top of report.md."""
-        head = "recommended rank" + ("" if self.method in ("", "default") else f" ({self.method})")
+        named = [m for m in (self.method not in ("", "default") and self.method, self.measure) if m]
+        head = "recommended rank" + (f" ({'; '.join(named)})" if named else "")
         margin = f"{100 * tolerance:g} point(s)"
         chosen, stop = self.chosen, self.stop
         if chosen is not None:
@@ -266,10 +246,26 @@ class Recommendation:
             )
             why = "" if stop is None else _why(stop, margin, self.confidence)
             return text + (f"; the sequence stopped at {why}" if why else "")
+        limit = self._rank_limit(tolerance)
         if stop is None:
-            return f"{head}: none; no rank trains fewer parameters than the full finetune"
+            return f"{head}: none; no rank trains fewer parameters than the full finetune{limit}"
         why = _why(stop, margin, self.confidence)
-        return f"{head}: none; the sequence stopped at its first rank, {why}"
+        return f"{head}: none; the sequence stopped at its first rank, {why}{limit}"
+
+    def _rank_limit(self, tolerance: float) -> str:
+        """ "; r=…, full rank …, so the gap is not a rank limit" when the largest rank (tested or
+        not) is full rank everywhere, has ≥ MIN_SEEDS a side and an upper bound ≥ tolerance."""
+        largest = self.tests[0] if self.tests else None
+        if largest is None or not largest.full_rank or min(largest.seeds) < MIN_SEEDS:
+            return ""
+        if not largest.interval.upper >= tolerance:  # NaN: no spread known, nothing shown
+            return ""
+        return (
+            f"; r={largest.rank}, full rank in every adapted layer (r ≥ min(in, out) of each), is "
+            f"still {_points(largest.interval.gap)} points below (one-sided "
+            f"{level(self.confidence)} upper bound {_points(largest.interval.upper)}), so the gap "
+            "is not a rank limit"
+        )
 
 
 def _why(test: RankTest, margin: str, confidence: float) -> str:
@@ -299,7 +295,7 @@ def _sequence(
     """Test one method's ranks, largest first, and stop at the first that fails."""
     by_rank = {int(rank): _best_alpha(group) for rank, group in runs.groupby("rank")}
     params = {rank: float(group["trainable_params"].median()) for rank, group in by_rank.items()}
-    proven = full_rank_ranks(params)
+    full_at = {rank: group["full_rank_at"].max() for rank, group in by_rank.items()}
     tests, recommended, stopped = [], None, False
     for rank in sorted(by_rank, reverse=True):
         values = by_rank[rank]["test_acc"].to_numpy(dtype=float)
@@ -318,7 +314,7 @@ def _sequence(
         seeds = (len(values), len(full))
         tests.append(
             RankTest(rank, float(values.mean()), interval, seeds, params[rank],
-                     rank in proven, verdict, needed)
+                     bool(rank >= full_at[rank]), verdict, needed)
         )  # fmt: skip
     full_mean = float(full.mean())
     return Recommendation(method, recommended, full_mean, full_params, tuple(tests), confidence)
@@ -341,6 +337,10 @@ def recommend(
 ) -> list[Recommendation]:
     """The recommended rank of each method (see the module docstring), from the tuned rows.
 
+    A study that tests classes it does not finetune on is judged on fit, the test accuracy on
+    the finetune classes (`forgetting.fit_accuracy`): validation holds those classes only, so
+    the learning rates are chosen for it, and the recommendation's `measure` says so.
+
     Args:
         df: A normalized results table (`selected` is recomputed here from val_acc).
         tolerance: The non-inferiority margin (0.01 = 1 point of test accuracy).
@@ -352,6 +352,9 @@ def recommend(
     """
     if "test_acc" not in df or df["test_acc"].isna().all():
         return []
+    split = class_split(df)
+    if split is not None:
+        df = df.assign(test_acc=fit_accuracy(df, split))
     tuned = df[selected_mask(df)]
     full_rows = tuned[tuned["stage"] == "full_finetune"].dropna(subset=["test_acc"])
     if full_rows.empty:
@@ -359,8 +362,11 @@ def recommend(
     full = full_rows["test_acc"].to_numpy(dtype=float)
     full_params = float(full_rows["trainable_params"].median())
     lora = tuned[tuned["stage"] == "lora"].dropna(subset=["rank", "test_acc"])
+    measure = "" if split is None else split.measure()
     return [
-        _sequence(str(method), runs, full, full_params, tolerance, confidence)
+        replace(
+            _sequence(str(method), runs, full, full_params, tolerance, confidence), measure=measure
+        )
         for method, runs in lora.groupby("method", sort=False)
     ]
 

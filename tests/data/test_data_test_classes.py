@@ -74,10 +74,19 @@ def test_bad_test_classes_are_one_line_errors_naming_the_key() -> None:
 def test_per_class_results_cover_the_test_classes() -> None:
     """The pipeline's per_class_acc reports every tested class, not only the trained ones."""
     dm = FashionMNISTDataModule(classes=TOPS, test_classes="all")
-    module = SimpleNamespace(per_class_test_acc=torch.linspace(0, 0.9, 10))
+    confusion = torch.arange(100).reshape(10, 10)
+    module = SimpleNamespace(
+        per_class_test_acc=torch.linspace(0, 0.9, 10), test_confusion=confusion
+    )
     fields = record.tested_fields({"test_loss": 1.0, "test_acc": 0.5}, module, dm)  # type: ignore[arg-type]
     assert list(fields["per_class_acc"]) == dm.class_names
     assert fields["per_class_acc"]["Ankle boot"] == pytest.approx(0.9)
+    # the confusion matrix too: a row per tested class, a column per class the network predicts
+    assert fields["confusion"]["predicted"] == dm.class_names
+    assert list(fields["confusion"]["counts"]) == dm.class_names
+    assert fields["confusion"]["counts"]["Dress"] == list(range(30, 40))
+    # what the run trained on comes from its own data, not the tested classes
+    assert record.trained_fields(module, dm)["train_classes"] == ["Pullover", "Coat", "Shirt"]  # type: ignore[arg-type]
 
 
 def test_the_convnet_study_trains_on_three_tops_and_tests_on_all_ten() -> None:

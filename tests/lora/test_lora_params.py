@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lora_lab.lora import LoRAConfig, count_parameters, inject_lora, parameter_summary
+from lora_lab.lora.params import full_rank_at
+from lora_lab.models import ConvNet
 from tests.lora.testkit import make_model
 
 
@@ -58,3 +60,17 @@ def test_summary_lists_every_parameter_and_totals() -> None:
     share = 100 * counts["trainable"] / counts["total"]
     assert f"trainable: {counts['trainable']:,} of {counts['total']:,} ({share:.3f}%)" in text
     assert f"{counts['total'] * 4 / 1e6:.3f} MB total" in text
+
+
+def test_full_rank_at_is_the_largest_min_out_in_of_the_adapted_layers() -> None:
+    # ConvNet: conv1 [6, 1, 5, 5] → min(6, 25) = 6; conv2 [16, 6, 5, 5] → min(16, 150) = 16;
+    # fc1 [120, 256] → 120; fc2 [84, 120] → 84; head [10, 84] → 10.
+    expected = {("conv1",): 6, ("conv2", "head"): 16, ("conv2", "fc1", "fc2", "head"): 120}
+    for targets, rank in expected.items():
+        network = ConvNet()
+        assert full_rank_at(network) is None  # nothing adapted
+        inject_lora(network, LoRAConfig(rank=2, alpha=2, target_modules=list(targets)))
+        assert full_rank_at(network) == rank
+    embedding = nn.Sequential(nn.Embedding(50, 8))
+    inject_lora(embedding, LoRAConfig(rank=2, alpha=2, target_modules=["0"]))
+    assert full_rank_at(embedding) == 8  # [num_embeddings, dim] = [50, 8]

@@ -127,10 +127,14 @@ def test_a_task_module_trains_validates_and_tests_on_the_device(name: str):
         module.eval()
         module.validation_step(batch, 0)
         module.test_step(batch, 0)
+        if module.has_accuracy:  # the confusion counts stay on the device until the epoch ends
+            assert on_cuda(*module.metrics["test_confusion"].metric_state.values())
         module.on_test_epoch_end()
     if module.has_accuracy:
         assert module.per_class_test_acc is not None
         assert module.per_class_test_acc.shape == (classes,)
+        assert module.test_confusion is not None
+        assert module.test_confusion.shape == (classes, classes)
 
 
 def test_a_host_read_in_a_training_step_is_caught():

@@ -119,8 +119,13 @@ def test_fused_classifier_members_count_correct_per_member():
     features, target = next(iter(data))
     for k, member in enumerate(members):  # each member's count is its own, as if alone
         with torch.no_grad():
-            alone = (member.network(features).argmax(-1) == target).float().mean().item()
+            predicted = member.network(features).argmax(-1)
+            alone = (predicted == target).float().mean().item()
         assert fused.test_metrics[k]["test_acc"] == pytest.approx(alone)
+        # its confusion matrix too: row = true class, column = predicted, as counted alone
+        expected = torch.zeros(3, 3, dtype=torch.long)
+        expected.index_put_((target, predicted), torch.ones_like(target), accumulate=True)
+        assert torch.equal(member.test_confusion, expected)
 
 
 class GoesNonFinite(RegressionModule):

@@ -80,6 +80,7 @@ def test_module_entry_point_bad_input_is_one_line_and_exit_2(tmp_path):
         ["sweep", "--cfg", "job", "sweep.seeds=auto"],
         ["sweep", "sweep.seeds=abc"],
         ["sweep", "sweep.lr_extend=-1"],
+        ["sweep", "sweep.verify_tolerance=-1e-5"],
         ["sweep", "report.max_seeds=2"],
         ["sweep", "data.split_seed=-1"],
         ["train", "stage=lora", "module.optimizer.lr=-1"],

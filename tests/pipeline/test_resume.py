@@ -248,6 +248,10 @@ def _sweep_cmd(folder: Path, out: Path, fused: bool) -> list[str]:
         "stages.pretrain.max_epochs=1",
         "stages.full_finetune.max_epochs=1",
         "stages.lora.max_epochs=30",
+        # What is compared here is resumed against uninterrupted; a fused member retrained alone
+        # for 150 steps drifts 1.2e-5 from its twin (rounding), which the certificate (tested
+        # in test_certificate) would report.
+        "sweep.verify=0",
     ]
 
 

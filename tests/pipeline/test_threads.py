@@ -161,5 +161,6 @@ def test_every_run_trains_under_a_thread_budget(tmp_path, tiny_overrides, monkey
 
     out = tmp_path / "study"
     assert main(["sweep", *tiny_overrides, f"output_dir={out}", "sweep.ranks=[1,2]"]) == 0
-    assert len(set(seen)) == 3  # pretrain, full finetune, the fused LoRA pass
+    # pretrain, full finetune, the fused LoRA pass, and its member retrained for the certificate
+    assert len(set(seen)) == 4
     assert not list((tmp_path / "registry").iterdir())

@@ -42,7 +42,8 @@ def test_report_renders_from_results_table_alone(tmp_path: Path) -> None:
     assert_png(tmp_path / "accuracy_vs_rank.png")
     assert_png(tmp_path / "accuracy_vs_params.png")
     assert not (tmp_path / "curves.png").exists() and not (tmp_path / "per_class.png").exists()
-    assert "Not drawn, nothing to show: `lr_heatmap.png`, `curves.png`, `per_class.png`." in report
+    nothing = "`lr_heatmap.png`, `curves.png`, `per_class.png`, `confusion.png`"
+    assert f"Not drawn, nothing to show: {nothing}." in report
     results = _section(report, "Results")
     assert "| lora | 8 | 8 | 0.001 | 3 |" in results  # rank 8, alpha 8, lr, three seeds
     assert "0.8250 ± 0.0050" in results  # mean ± sd of 0.820, 0.825, 0.830

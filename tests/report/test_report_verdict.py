@@ -164,15 +164,18 @@ def test_a_rank_with_as_many_parameters_as_the_full_finetune_is_never_recommende
     assert "never: as many trainable parameters as the full finetune, or more" in text
 
 
-def test_full_rank_is_marked_only_where_the_parameter_counts_prove_it():
-    # 1,050 parameters per rank (784·64 → 64 → 10 adapted: Σ(in + out) = 1,050): a rank ≥ 525
-    # is full rank in every layer; r=8 and r=600 here, so only r=600 is marked.
-    counts = {8: 8400, 600: 630000}
+def test_full_rank_is_marked_where_the_runs_recorded_it():
+    # full_rank_at = 64 (784→64→64→10: min(out, in) is 64, 64, 10): r=64 is full rank, r=8 is
+    # not; a table without the column marks none (no parameter-count guess).
+    counts = {8: 8400, 64: 67200}
     rows = [lora(r, 0.001, s, 0.5, 0.9, params=p) for r, p in counts.items() for s in range(3)]
     rows += [full(0.001, s, 0.5, 0.9) for s in range(3)]
+    marked = table(rows).assign(full_rank_at=64.0)
+    (result,) = recommend(marked, 0.01)
+    assert {t.rank: t.full_rank for t in result.tests} == {64: True, 8: False}
+    assert "| 64 (full rank) |" in "\n".join(recommended_section(marked, 0.01, 0.95))
     (result,) = recommend(table(rows), 0.01)
-    assert {t.rank: t.full_rank for t in result.tests} == {600: True, 8: False}
-    assert "| 600 (full rank) |" in "\n".join(recommended_section(table(rows), 0.01, 0.95))
+    assert not any(t.full_rank for t in result.tests)
 
 
 def test_identical_seeds_raise_no_warning_and_still_state_an_interval():
