@@ -53,6 +53,8 @@ def sweep(args: argparse.Namespace, out: Path, extra: list[str], seed: str, fuse
         f"experiment={args.experiment}",
         f"sweep.seeds=[{seed}]",
         f"sweep.fused={str(fused).lower()}",
+        # training time only: the exactness certificate's retrained members are not timed
+        "sweep.verify=0",
         "trainer.enable_progress_bar=false",
         f"output_dir={out}",
         *([f"sweep.ranks=[{args.ranks}]"] if args.ranks else []),
