@@ -1,4 +1,5 @@
-"""bench/gpu_check.py runs as committed: every check, on tiny settings, on the CPU."""
+"""The bench scripts run as committed, on tiny settings, on the CPU: bench/gpu_check.py (every
+check) and bench/studies.py (a whole study fused and sequential)."""
 
 from __future__ import annotations
 
@@ -29,3 +30,20 @@ def test_the_gpu_check_runs_every_check_on_tiny_settings(tmp_path: Path):
         assert checks[number].endswith("PASS"), checks[number]
     assert "ratio fused / sequential" in checks["3"] and "ms/step" in checks["5"]
     assert "training on cpu" in checks["4"] and "FAIL" not in done.stdout
+
+
+def test_the_study_benchmark_runs_fused_and_sequential_on_tiny_settings(tmp_path: Path):
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "studies.py"), "--tiny", "--ranks", "1"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        # this checkout's lora_lab in the sweeps it starts, whatever else is installed
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(BENCH.parent)},
+        timeout=500,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "fashion_mnist_methods, LoRA stage, 5 runs" in done.stdout, done.stdout
+    assert "at most 1 pass per seed" in done.stdout  # five methods, one pass
+    assert "ratio fused / sequential = " in done.stdout
+    assert "largest |fused - sequential| of the means: 0.00 points" in done.stdout

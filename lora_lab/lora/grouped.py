@@ -16,154 +16,33 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lora_lab.lora.inject import lora_layers, set_submodule
-from lora_lab.lora.layers import LoRALayer, LoRALinear
+from lora_lab.lora.grouped_layers import (
+    GroupContext,
+    GroupedLoRAConv2d,
+    GroupedLoRALinear,
+    GroupingError,
+    PerMember,
+    grouped_layer,
+)
+from lora_lab.lora.inject import adapter_state, lora_layers, set_submodule
+from lora_lab.lora.pissa import PiSSALinear
 
-
-class GroupingError(ValueError):
-    """The networks cannot be trained as one group; the message says why, in one line."""
-
-
-class GroupedLoRALinear(nn.Module):
-    """K LoRA adapters on one frozen `nn.Linear`: `y_k = base(x) + s_k · B_k A_k drop_k(x)`.
-
-    Shared input `[B, in]` (nothing adapted upstream): the base output is computed once, and
-    the K A factors run as one GEMM with A concatenated to `[Σr, in]`, split per adapter after.
-    Stacked input `[K, B, in]`: each adapter's merged weight `W + s_k B_k A_k` is formed (tiny
-    GEMMs) and one `bmm` computes all K outputs, whatever the ranks. That is the same function,
-    costs B·in·out per adapter instead of the base GEMM plus B·r·(in + out) for the factors, and
-    needs no padding of ranks to the largest (a zero-padded factor `bmm` did ~3.5x the work
-    of a 1…64 sweep and ran slower than per-adapter GEMMs). With dropout the factors must see
-    the dropped input, so they run per adapter, with masks drawn independently per adapter.
-
-    Args:
-        layers: The K adapters, all wrapping layers with the same weights. Their Parameters
-            are used, not copied.
-        base_layer: The frozen layer to compute the base output with; defaults to the first
-            adapter's.
-    """
-
-    def __init__(self, layers: Sequence[LoRALinear], base_layer: nn.Linear | None = None) -> None:
-        super().__init__()
-        self.base_layer = base_layer if base_layer is not None else layers[0].base_layer
-        # Plain lists, not ModuleLists: the adapters live (and train) in their own networks.
-        self.adapters: list[LoRALinear] = list(layers)
-        self.ranks = [layer.rank for layer in layers]
-        self.dropouts = [
-            layer.lora_dropout.p if isinstance(layer.lora_dropout, nn.Dropout) else 0.0
-            for layer in layers
-        ]
-
-    @property
-    def size(self) -> int:
-        """K, the number of adapters."""
-        return len(self.adapters)
-
-    def _dropped(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        probability = self.dropouts[index]
-        if not self.training or probability == 0.0:
-            return x
-        return F.dropout(x, probability, training=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x `[B, in]` (shared) or `[K, B, in]` (stacked). Returns: `[K, B, out]`."""
-        if x.dim() == 2:
-            return self._forward_shared(x)
-        if x.dim() == 3 and x.shape[0] == self.size:
-            return self._forward_stacked(x)
-        raise GroupingError(
-            f"grouped LoRA layer got input of shape {list(x.shape)}; it takes [B, in] or "
-            f"[K={self.size}, B, in]"
-        )
-
-    def _forward_shared(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer(x)  # [B, out], once for all adapters
-        if self.training and any(self.dropouts):
-            hidden = [
-                F.linear(self._dropped(x, k), a.lora_A.weight) for k, a in enumerate(self.adapters)
-            ]
-        else:
-            weights = [a.lora_A.weight for a in self.adapters]
-            # Zero rows up to a multiple of 16: MKL runs [B, 784] @ [784, 128] ~25% faster than
-            # with 127 columns. They only add unused output columns.
-            pad = -sum(self.ranks) % 16
-            a_cat = torch.cat([*weights, x.new_zeros(pad, x.shape[-1])])  # [Σr + pad, in]
-            hidden = F.linear(x, a_cat).split([*self.ranks, pad], dim=1)[: self.size]
-        # The same fused GEMM as LoRALinear.forward, so each output is computed as it is alone.
-        return torch.stack(
-            [
-                torch.addmm(base, h, a.lora_B.weight.t(), alpha=a.scaling)
-                for h, a in zip(hidden, self.adapters, strict=True)
-            ]
-        )
-
-    def _forward_stacked(self, x: torch.Tensor) -> torch.Tensor:
-        # Under autocast the merged weight W + s·BA would be rounded to bf16/fp16, losing
-        # updates below half a step of W; the factored path keeps the adapter branch apart,
-        # as LoRALinear does.
-        if (self.training and any(self.dropouts)) or torch.is_autocast_enabled(x.device.type):
-            return self._forward_stacked_factored(x)
-        # Merged form: x_k (W + s_k B_k A_k)ᵀ. The same function as base + adapter path, but one
-        # bmm for all K adapters whatever their ranks, and B·in·out work per adapter instead of
-        # the base GEMM plus B·r·(in + out) for the factors.
-        weights = (self.base_layer.weight + self._deltas()).transpose(1, 2)  # [K, in, out]
-        bias = self.base_layer.bias
-        if bias is None:
-            return torch.bmm(x, weights)
-        return torch.baddbmm(bias, x, weights)  # [K, B, out]
-
-    def _deltas(self) -> torch.Tensor:
-        """`s_k · B_k A_k` of every adapter, `[K, out, in]`, as one bmm.
-
-        The factors are concatenated (one op each, whatever K) and laid out with their ranks
-        zero-padded to the largest, `A [K, R, in]` and `B [K, out, R]`; the zero rows add
-        exact zeros. A per-adapter `B_k @ A_k` was ~6 autograd ops per adapter and layer, the
-        most numerous ops of a fused step; the padded FLOPs (K·R·out·in) stay far below the
-        bmm of the activations that uses the deltas whenever the batch exceeds R.
-        """
-        largest, size = max(self.ranks), self.size
-        index, scaling = self._layout(self.base_layer.weight.device)
-        a_cat = torch.cat([a.lora_A.weight for a in self.adapters])  # [Σr, in]
-        b_cat = torch.cat([a.lora_B.weight for a in self.adapters], dim=1) * scaling  # [out, Σr]
-        a_pad = a_cat.new_zeros(size * largest, a_cat.shape[1]).index_copy(0, index, a_cat)
-        b_pad = b_cat.new_zeros(b_cat.shape[0], size * largest).index_copy(1, index, b_cat)
-        b_pad = b_pad.view(-1, size, largest).transpose(0, 1)  # [K, out, R]
-        return torch.bmm(b_pad, a_pad.view(size, largest, -1))
-
-    def _layout(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Where each concatenated rank goes in the padded layout, and each one's scaling."""
-        key = (device, tuple(a.scaling for a in self.adapters))
-        if getattr(self, "_layout_key", None) != key:
-            largest = max(self.ranks)
-            index = [k * largest + j for k, rank in enumerate(self.ranks) for j in range(rank)]
-            scaling = [a.scaling for a in self.adapters for _ in range(a.rank)]
-            self._layout_cache = (
-                torch.tensor(index, device=device),
-                torch.tensor(scaling, device=device, dtype=self.base_layer.weight.dtype),
-            )
-            self._layout_key = key
-        return self._layout_cache
-
-    def _forward_stacked_factored(self, x: torch.Tensor) -> torch.Tensor:
-        # Dropout acts on the adapter input only, so the factors must run on their own.
-        base = self.base_layer(x)  # [K, B, out]
-        outputs = []
-        # unbind, not x[k]: its backward stacks K slices instead of adding K zero-padded copies.
-        for k, (x_k, base_k, a) in enumerate(
-            zip(x.unbind(0), base.unbind(0), self.adapters, strict=True)
-        ):
-            hidden = F.linear(self._dropped(x_k, k), a.lora_A.weight)  # [B, r_k]
-            outputs.append(torch.addmm(base_k, hidden, a.lora_B.weight.t(), alpha=a.scaling))
-        return torch.stack(outputs)
-
-    def extra_repr(self) -> str:
-        return f"ranks={self.ranks}"
+__all__ = [
+    "GroupedLoRAConv2d",
+    "GroupedLoRALinear",
+    "GroupingError",
+    "PerMember",
+    "check_groupable",
+    "check_grouped",
+    "cross_entropy_per_adapter",
+    "group_networks",
+    "member_modules",
+    "share_frozen",
+]
 
 
 def cross_entropy_per_adapter(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -171,69 +50,110 @@ def cross_entropy_per_adapter(logits: torch.Tensor, target: torch.Tensor) -> tor
 
     A classifier's loss for K adapters at once, as `logsumexp - target logit`: torch's
     log_softmax over a 10-wide last dimension ran 2.5x slower on CPU than this, K times over.
+    Under autocast it runs in float32, as autocast runs `F.cross_entropy`.
     """
+    if torch.is_autocast_enabled(logits.device.type):
+        logits = logits.float()
     picked = logits.gather(-1, target.expand(logits.shape[0], -1).unsqueeze(-1)).squeeze(-1)
     return (torch.logsumexp(logits, dim=-1) - picked).mean(dim=1)
 
 
-def _frozen_tensors(network: nn.Module) -> dict[str, torch.Tensor]:
-    adapter_ids = {
-        id(p) for layer in lora_layers(network).values() for p in layer.adapter_parameters()
-    }
-    tensors = {n: p for n, p in network.named_parameters() if id(p) not in adapter_ids}
-    tensors.update(dict(network.named_buffers()))
-    return tensors
+Slot = tuple[nn.Module, str, bool]  # (module, attribute, is a parameter)
 
 
-# Why a method's adapters cannot share one forward pass; the message names the method.
-_UNFUSABLE = {
-    "dora": "DoRA adapters do not fuse (each rescales its own merged weight by a magnitude); "
-    "they run one after another",
-    "pissa": "PiSSA adapters do not fuse (each replaces the frozen weight by its own residual "
-    "W - s·B₀A₀); they run one after another",
-}
+def _shared_slots(network: nn.Module) -> dict[str, Slot]:
+    """Every frozen tensor the members share, by a name common to all methods.
+
+    A PiSSA layer's base holds the member's own residual `W − s·B₀A₀` and its fixed
+    `pissa_initial_*` factors (left out: the member owns them); its `pretrained_weight`
+    stands for the pretrained W under `<layer>.base_layer.weight`, where the other methods
+    keep it.
+    """
+    pissa = {name for name, layer in lora_layers(network).items() if isinstance(layer, PiSSALinear)}
+    slots: dict[str, Slot] = {}
+    for name, module in network.named_modules():
+        prefix = f"{name}." if name else ""
+        residual = name.removesuffix(".base_layer") in pissa and name.endswith(".base_layer")
+        for key, param in module._parameters.items():
+            if param is not None and not param.requires_grad and not (residual and key == "weight"):
+                slots[prefix + key] = (module, key, True)
+        for key, buffer in module._buffers.items():
+            if buffer is None:
+                continue
+            if name in pissa:
+                if key == "pretrained_weight":
+                    slots[f"{prefix}base_layer.weight"] = (module, key, False)
+            else:
+                slots[prefix + key] = (module, key, False)
+    return slots
 
 
-def _check_plain_linear(name: str, layer: LoRALayer) -> None:
-    if layer.method in _UNFUSABLE:
-        raise GroupingError(f"{name}: {_UNFUSABLE[layer.method]}")
-    if type(layer) is not LoRALinear:
+def _tensor(slot: Slot) -> torch.Tensor:
+    module, key, is_param = slot
+    return module._parameters[key] if is_param else module._buffers[key]  # type: ignore[return-value]
+
+
+def member_modules(network: nn.Module) -> list[str]:
+    """The modules besides the LoRA layers whose parameters train: each member has its own.
+
+    That is the `modules_to_save` and every module holding a trained parameter of its own
+    (a bias under `lora.bias=all`), outside the LoRA layers (which group their biases).
+    """
+    state = adapter_state(network)
+    saved = list(state.modules_to_save) if state is not None else []
+    covered = [*lora_layers(network), *saved]
+    own = [
+        name
+        for name, module in network.named_modules()
+        if not any(name == c or name.startswith(f"{c}.") for c in covered)
+        and any(p.requires_grad for p in module.parameters(recurse=False))
+    ]
+    return saved + own
+
+
+def _check_network(network: nn.Module, names: list[str], owned: list[str]) -> None:
+    layers = lora_layers(network)
+    if list(layers) != names:
+        raise GroupingError("the networks wrap different layers")
+    merged = [name for name, layer in layers.items() if layer.merged]
+    if merged:
+        raise GroupingError(f"{merged[0]} is merged; fused training needs unmerged adapters")
+    if member_modules(network) != owned:
+        raise GroupingError("the networks train different modules besides their adapters")
+    if "" in owned:
         raise GroupingError(
-            f"{name} is a {type(layer).__name__}; fused training handles Linear adapters only"
+            "the network's own parameters train; fused training needs them in layers"
+        )
+    norms = [
+        n for n, m in network.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+    if norms:
+        raise GroupingError(
+            f"{norms[0]} is a batch norm, whose batch statistics would mix the members' batches"
         )
 
 
 def check_groupable(networks: Sequence[nn.Module]) -> None:
-    """Raise `GroupingError` unless the networks differ only in their LoRALinear adapters.
+    """Raise `GroupingError` unless the networks can train as one group.
 
-    Checks: the same wrapped layer names; every wrapper a plain `LoRALinear` (DoRA and PiSSA
-    layers are refused, the message naming the method); nothing trainable but the adapter
-    factors (no trainable biases, no `modules_to_save`); identical frozen weights.
+    Checks: the same wrapped layer names (any method and layer type); the same modules
+    training besides the adapters (`member_modules`); no merged adapter; no batch norm; and
+    identical shared frozen weights (`_shared_slots`: a PiSSA layer counts with its
+    pretrained W).
     """
     if not networks:
         raise GroupingError("no networks to group")
-    first = lora_layers(networks[0])
-    if not first:
+    names = list(lora_layers(networks[0]))
+    if not names:
         raise GroupingError("the network has no LoRA layers")
-    reference = _frozen_tensors(networks[0])
+    owned = member_modules(networks[0])
+    reference = {n: _tensor(s) for n, s in _shared_slots(networks[0]).items()}
     for network in networks:
-        layers = lora_layers(network)
-        if list(layers) != list(first):
-            raise GroupingError("the networks wrap different layers")
-        for name, layer in layers.items():
-            _check_plain_linear(name, layer)
-        factors = {id(p) for layer in layers.values() for p in layer.adapter_parameters()}
-        extra = [
-            n for n, p in network.named_parameters() if p.requires_grad and id(p) not in factors
-        ]
-        if extra:
-            raise GroupingError(
-                f"{extra[0]} trains besides the LoRA factors (bias / modules_to_save); "
-                "fused training supports bias='none' without modules_to_save"
-            )
-        frozen = _frozen_tensors(network)
+        _check_network(network, names, owned)
+        frozen = {n: _tensor(s) for n, s in _shared_slots(network).items()}
         if frozen.keys() != reference.keys() or not all(
-            torch.equal(frozen[k], reference[k]) for k in reference
+            frozen[k].shape == reference[k].shape and torch.equal(frozen[k], reference[k])
+            for k in reference
         ):
             raise GroupingError("the networks do not share the same frozen weights")
 
@@ -241,9 +161,10 @@ def check_groupable(networks: Sequence[nn.Module]) -> None:
 def group_networks(networks: Sequence[nn.Module]) -> nn.Module:
     """One network computing the outputs of all K networks: `[B, ...]` in, `[K, B, ...]` out.
 
-    A deep copy of the first network's frozen structure in which every `LoRALinear` is replaced
-    by a `GroupedLoRALinear` over the K networks' adapters at that name. Call `.train()` /
-    `.eval()` on the result; the K networks' own modes are not used.
+    A deep copy of the first network's frozen structure in which every LoRA layer becomes its
+    grouped form over the K networks' layers at that name (`grouped_layer`), and every other
+    member-specific module (`member_modules`) a `PerMember`. Call `.train()` / `.eval()` on
+    the result; it sets the members' own layers to its mode where it runs them.
 
     Args:
         networks: K networks from `inject_lora` on the same pretrained weights.
@@ -252,16 +173,22 @@ def group_networks(networks: Sequence[nn.Module]) -> nn.Module:
         GroupingError: See `check_groupable`.
     """
     check_groupable(networks)
+    first = networks[0]
     # The copy shares the first network's frozen tensors (and so their device) instead of
     # holding its own.
-    memo = {id(tensor): tensor for tensor in _frozen_tensors(networks[0]).values()}
-    template = copy.deepcopy(networks[0], memo)
-    for name, layer in lora_layers(template).items():
-        adapters = [cast(LoRALinear, network.get_submodule(name)) for network in networks]
-        base_layer = cast(nn.Linear, layer.base_layer)
-        set_submodule(template, name, GroupedLoRALinear(adapters, base_layer=base_layer))
+    frozen = [p for p in first.parameters() if not p.requires_grad] + list(first.buffers())
+    template = copy.deepcopy(first, {id(tensor): tensor for tensor in frozen})
+    context = GroupContext(len(networks))
+    for name in lora_layers(template):
+        layers = [network.get_submodule(name) for network in networks]
+        set_submodule(template, name, grouped_layer(layers, context))
+    for name in member_modules(first):
+        modules = [network.get_submodule(name) for network in networks]
+        set_submodule(template, name, PerMember(modules, context))
     for param in template.parameters():
-        param.requires_grad_(False)  # the copy's own A/B are gone; nothing here trains
+        param.requires_grad_(False)  # only shared frozen tensors are left; nothing here trains
+    template.register_forward_pre_hook(context.begin)
+    template.register_forward_hook(context.unfold)
     return template
 
 
@@ -269,28 +196,28 @@ def share_frozen(networks: Sequence[nn.Module]) -> None:
     """Make the networks hold the first one's frozen parameters and buffers, in place.
 
     After it the K networks keep one copy of the frozen weights between them (each still
-    owns its adapters), so a group of K runs costs one frozen network in memory.
+    owns its adapters, trained modules and, for PiSSA, its residual base), so a group of K
+    runs costs one frozen network in memory.
 
     Raises:
         GroupingError: See `check_groupable` (nothing is changed then).
     """
     check_groupable(networks)
-    first = networks[0]
-    adapters = {
-        id(p)
-        for network in networks
-        for layer in lora_layers(network).values()
-        for p in layer.adapter_parameters()
-    }
+    source = {name: _tensor(slot) for name, slot in _shared_slots(networks[0]).items()}
+    parameters: dict[str, nn.Parameter] = {}
     for network in networks[1:]:
-        for name, module in network.named_modules():
-            source = first.get_submodule(name)
-            for key, param in module._parameters.items():
-                if param is not None and id(param) not in adapters:
-                    module._parameters[key] = source._parameters[key]
-            for key, buffer in module._buffers.items():
-                if buffer is not None:
-                    module._buffers[key] = source._buffers[key]
+        for name, (module, key, is_param) in _shared_slots(network).items():
+            tensor = source[name]
+            if not is_param:
+                module._buffers[key] = tensor.detach()
+                continue
+            if name not in parameters:  # one Parameter object per name, shared by all
+                parameters[name] = (
+                    tensor
+                    if isinstance(tensor, nn.Parameter)
+                    else nn.Parameter(tensor, requires_grad=False)
+                )
+            module._parameters[key] = parameters[name]
 
 
 def check_grouped(
@@ -298,28 +225,20 @@ def check_grouped(
 ) -> None:
     """Verify that `grouped(probe)[k]` equals `networks[k](probe)` for every k (eval mode).
 
-    The B factors start at zero, which would make every adapter look right; they are set to
-    random values for the check (from a private generator, so the global RNG is untouched) and
-    restored after.
+    The B factors start at zero, which would make every adapter look right: every trained
+    tensor of the members is set to random values for the check (from a private generator,
+    so the global RNG is untouched) and restored after.
 
     Raises:
-        GroupingError: If the forward fails on stacked activations or the outputs differ.
+        GroupingError: If the forward fails on folded activations or the outputs differ.
     """
     generator = torch.Generator().manual_seed(0)
-    layers = [
-        lay
-        for net in networks
-        for lay in lora_layers(net).values()
-        if isinstance(lay, LoRALinear)  # all of them, after check_groupable
-    ]
-    saved = [layer.lora_B.weight.detach().clone() for layer in layers]
+    tensors = [p for net in networks for p in net.parameters() if p.requires_grad]
+    saved = [tensor.detach().clone() for tensor in tensors]
     modes = [net.training for net in networks] + [grouped.training]
     try:
         with torch.no_grad():
-            for layer in layers:
-                weight = layer.lora_B.weight
-                # Unit-size updates whatever the scaling, so outputs stay comparable.
-                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.1 / layer.scaling)
+            _randomise(networks, generator)
             grouped.eval()
             for net in networks:
                 net.eval()
@@ -327,7 +246,7 @@ def check_grouped(
                 together = grouped(probe)
             except (RuntimeError, ValueError) as error:
                 raise GroupingError(
-                    f"the network's forward does not run on stacked activations ({error})"
+                    f"the network's forward does not run on folded activations ({error})"
                 ) from None
             alone = torch.stack([net(probe) for net in networks])
             if together.shape != alone.shape or not torch.allclose(
@@ -339,8 +258,24 @@ def check_grouped(
                 )
     finally:
         with torch.no_grad():
-            for layer, weight in zip(layers, saved, strict=True):
-                layer.lora_B.weight.copy_(weight)
+            for tensor, value in zip(tensors, saved, strict=True):
+                tensor.copy_(value)
         for net, mode in zip(networks, modes, strict=False):
             net.train(mode)
         grouped.train(modes[-1])
+
+
+def _randomise(networks: Sequence[nn.Module], generator: torch.Generator) -> None:
+    """Give every trained tensor of the networks a random value (in place, no grad)."""
+    for network in networks:
+        updates: set[int] = set()
+        for layer in lora_layers(network).values():
+            for key, tensor in layer.adapter_tensors().items():
+                if key.startswith(("lora_B", "lora_embedding_A")):
+                    # Unit-size updates whatever the scaling, so outputs stay comparable.
+                    noise = torch.randn(tensor.shape, generator=generator) * 0.1 / layer.scaling
+                    tensor.copy_(noise)
+                    updates.add(id(tensor))
+        for tensor in network.parameters():
+            if tensor.requires_grad and id(tensor) not in updates:
+                tensor.add_(torch.randn(tensor.shape, generator=generator) * 0.1)

@@ -29,6 +29,7 @@ from torch import nn
 
 from lora_lab.lora.grouped import cross_entropy_per_adapter, group_networks, share_frozen
 from lora_lab.models.member_optim import member_optimizers
+from lora_lab.models.member_steps import MemberScalers, StepOptions
 from lora_lab.models.module import ClassifierModule, TaskModule
 from lora_lab.models.run_state import restore_rng_state, save_rng_state, sum_dtype
 
@@ -42,6 +43,8 @@ class FusedLoRAModule(L.LightningModule):
         members: LoRA task modules (e.g. `LoRAClassifierModule`) over identical frozen
             networks that differ only in their adapters, learning rates or schedulers.
         loggers: Per member, the loggers its epoch rows go to (its sequential run's loggers).
+        steps: Gradient clipping and accumulation, applied per member (the pass's Trainer
+            must not set them: Lightning refuses them under manual optimization).
 
     After `trainer.test`, `test_metrics[k]` holds member k's `test_loss` (and `test_acc`),
     and each member's `per_class_test_acc` is set as `trainer.test` sets it.
@@ -53,14 +56,19 @@ class FusedLoRAModule(L.LightningModule):
         self,
         members: Sequence[TaskModule],
         loggers: Sequence[Sequence[Logger]] | None = None,
+        steps: StepOptions | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.members = nn.ModuleList(members)
         share_frozen([m.network for m in members])  # one frozen network in memory, not K
         self.member_loggers = [list(group) for group in loggers or [[] for _ in members]]
+        self.steps = steps or StepOptions()
+        self.scalers = MemberScalers()  # fp16: filled in `setup` from the Trainer's plugin
         # Buffers, so a checkpoint (and a spawned DDP worker's returned weights) carry them.
         self.register_buffer("active", torch.ones(len(members), dtype=torch.bool))
+        # Optimizer steps taken: a member's trainer.global_step alone (one per batch unless
+        # gradients accumulate), the step its log rows carry.
         self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
         # Per member, the (epoch, batch) where its loss first went non-finite, (-1, -1) while
         # it trains: a buffer, so a spawned DDP worker's failures reach the parent too.
@@ -181,16 +189,50 @@ class FusedLoRAModule(L.LightningModule):
         # An adapter's parameters reach only its own loss, so the sum's gradient is each
         # member's own; a non-finite loss is masked so that it cannot spread. Its member
         # stops at the next check of the flags.
-        self.manual_backward(torch.where(finite, losses, torch.zeros_like(losses)).sum())
+        scaled = self.scalers.scale(losses, indices)
+        masked = torch.where(finite, scaled, torch.zeros_like(scaled)).sum()
+        accumulate = self.steps.accumulate_grad_batches
+        # Lightning divides the loss by accumulate_grad_batches, whatever the batch.
+        self.manual_backward(masked / accumulate if accumulate > 1 else masked)
+        if self._step_now(batch_idx):
+            self._step(indices)
+        self._accumulate("train", indices, outputs, losses, target)
+
+    def _step_now(self, batch_idx: int) -> bool:
+        """Lightning's rule for a run alone: step after every `accumulate_grad_batches`
+        batches of the epoch, and on its last batch."""
+        ready, accumulate = batch_idx + 1, self.steps.accumulate_grad_batches
+        return (
+            accumulate == 1 or ready % accumulate == 0 or ready == self.trainer.num_training_batches
+        )
+
+    def _step(self, indices: list[int]) -> None:
+        """Clip each member's gradients as its run alone would, then step its optimizer.
+
+        One optimizer step goes through Lightning's `LightningOptimizer` (the others step
+        directly), so that `trainer.global_step` counts steps as a member's run alone counts
+        them, and `max_steps` ends the pass where it ends each run.
+        """
         optimizers = self.optimizers()
+        if self.scalers:  # fp16: one optimizer and one scaler per member
+            listed = optimizers if isinstance(optimizers, list) else [optimizers]
+            raw = [optimizer.optimizer for optimizer in listed]
+            self.scalers.step(raw, self.members, indices, self.steps)
+            # Lightning counts steps in LightningOptimizer.step, which the scalers bypass.
+            progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+            progress.increment_ready()
+            progress.increment_completed()
+            self.batches_seen += 1
+            return
+        self.steps.clip(self.members, indices)
         if not isinstance(optimizers, list):  # one optimizer shared by the members
             optimizers.step()
             optimizers.zero_grad(set_to_none=True)
         else:
-            for k in indices:
-                optimizers[k].step()
-                optimizers[k].zero_grad(set_to_none=True)
-        self._accumulate("train", indices, outputs, losses, target)
+            for position, k in enumerate(indices):
+                optimizer = optimizers[k] if position == 0 else optimizers[k].optimizer
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
         self.batches_seen += 1
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -282,10 +324,14 @@ class FusedLoRAModule(L.LightningModule):
             self.members[k].on_test_epoch_end()  # per-class test accuracy, as after its own test
 
     # -- optimizers and checkpoints -----------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if stage == "fit":  # before configure_optimizers and before a checkpoint is restored
+            self.scalers.take_over(self.trainer.precision_plugin, len(self.members))
+
     def configure_optimizers(self) -> Any:
         # Schedulers stay with the module, which steps them and checkpoints their state: a
         # member's scheduler may drive one param group of a shared optimizer.
-        optimizers, self._schedulers = member_optimizers(list(self.members))
+        optimizers, self._schedulers = member_optimizers(list(self.members), bool(self.scalers))
         self._load_scheduler_states()
         return optimizers
 
@@ -309,6 +355,8 @@ class FusedLoRAModule(L.LightningModule):
         ]
         # A scheduler that steps on validation epochs only still sees the last val_loss.
         checkpoint["member_val_metrics"] = dict(self.val_metrics)
+        if self.scalers:
+            checkpoint["member_scalers"] = self.scalers.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         restore_rng_state(checkpoint, self.device)
@@ -317,3 +365,5 @@ class FusedLoRAModule(L.LightningModule):
         self.val_metrics = dict(checkpoint.get("member_val_metrics", {}))
         # Lightning calls configure_optimizers after this hook: it loads them.
         self._scheduler_states = list(checkpoint.get("member_schedulers", []))
+        if checkpoint.get("member_scalers"):
+            self.scalers.load_state_dict(checkpoint["member_scalers"])

@@ -35,7 +35,7 @@ from lora_lab.models import TaskModule
 from lora_lab.models.fused import FusedLoRAModule
 from lora_lab.pipeline.console import say
 from lora_lab.pipeline.cpu import retain_freed_memory
-from lora_lab.pipeline.fusion import Grouping, describe, fusable
+from lora_lab.pipeline.fusion import Grouping, describe, fusable, pass_config, step_options
 from lora_lab.pipeline.lifecycle import Fit, RunSetup, TrainingPass
 from lora_lab.pipeline.plan import PlannedRun
 from lora_lab.pipeline.progress import Progress
@@ -184,7 +184,8 @@ def build_pass(
         GroupingError: If the networks cannot be fused.
     """
     members = [Member.build(run, study_dir, pretrained) for run in group]
-    module = FusedLoRAModule([m.module for m in members], [m.loggers for m in members])
+    steps = step_options(members[0].cfg)  # clipping and accumulation, applied per member
+    module = FusedLoRAModule([m.module for m in members], [m.loggers for m in members], steps)
     datamodule = instantiate(members[0].cfg.data)  # equal for all members (the fusion key)
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -215,8 +216,14 @@ def run_fused_group(
     pass_dir.mkdir(parents=True, exist_ok=True)
     cfg = members[0].cfg
     setups = [member.setup for member in members]
-    training = TrainingPass(
-        cfg, pass_dir, pass_id, setups, identity=identity, loggers=False, choose_threads=True
+    training = TrainingPass(  # its Trainer without the options the module applies per member
+        pass_config(cfg),
+        pass_dir,
+        pass_id,
+        setups,
+        identity=identity,
+        loggers=False,
+        choose_threads=True,
     )
     for member in members:
         for logger in member.loggers:

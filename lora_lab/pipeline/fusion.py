@@ -1,8 +1,12 @@
 """Which LoRA runs can train fused (`sweep.fused=true`), and why the others cannot.
 
 What makes a group: equal resolved `data`, `model`, `module` and `trainer` configs, apart
-from what each adapter owns: `lora.rank`, `lora.alpha`, `lora.use_rslora`, `lora.init`,
-`lora.dropout` and the optimizer and scheduler (`module.optimizer.lr` above all). The seed is
+from what each adapter owns: `lora.rank`, `lora.alpha`, the method (`lora.method`,
+`use_rslora`, `use_dora`, `init`, `loraplus_lr_ratio`), `lora.dropout` and the optimizer and
+scheduler (`module.optimizer.lr` above all). Trainer options that Lightning applies only
+under automatic optimization (gradient clipping and accumulation) the pass applies per member
+(`step_options`); `max_steps` counts steps as each run alone counts them; fp16 gives each
+member its own gradient scaler. The seed is
 free, but `data.seed` follows it (it draws the batch order; the validation split has a seed of
 its own, `data.split_seed`, fixed per study), so runs of different seeds form separate groups,
 each seeing exactly the data its sequential runs see; fix `data.seed` to fuse across seeds. The fused runner (`fused`) trains each group.
@@ -10,29 +14,36 @@ each seeing exactly the data its sequential runs see; fix `data.seed` to fuse ac
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lora_lab.lora import inject_lora
 from lora_lab.lora.grouped import GroupingError, check_groupable
+from lora_lab.models.member_steps import TAKEN_OVER, StepOptions
 from lora_lab.pipeline.methods import lora_config_of
 from lora_lab.pipeline.plan import PlannedRun
 from lora_lab.pipeline.resume import flatten
 
-# What each member owns: these may differ within a group.
-# `init` is the adapter's own except for PiSSA, which also changes the frozen base (the key
-# records `pissa` apart: those runs never join a group of others).
-OWN_LORA_KEYS = ("rank", "alpha", "use_rslora", "init", "dropout", "method")
+__all__ = ["TAKEN_OVER", "Grouping", "describe", "fusable", "pass_config", "step_options"]
+
+# What each member owns: these may differ within a group. The method is the adapter's own:
+# a PiSSA member keeps the shared pretrained weight and adds its fixed correction, a DoRA
+# member its magnitude, a LoRA+ member its own B learning rate.
+OWN_LORA_KEYS = (
+    "rank",
+    "alpha",
+    "use_rslora",
+    "init",
+    "dropout",
+    "method",
+    "use_dora",
+    "loraplus_lr_ratio",
+)
 OWN_MODULE_KEYS = ("optimizer", "scheduler")
-# Trainer options that manual optimization (one optimizer per member) cannot honour.
-UNSUPPORTED_TRAINER = {
-    "gradient_clip_val": "Lightning clips gradients only under automatic optimization",
-    "accumulate_grad_batches": "Lightning accumulates gradients only under automatic optimization",
-    "max_steps": "a fused pass counts one optimizer step per member, so max_steps would end it early",
-}
 
 
 def _plain(node: Any) -> Any:
@@ -44,7 +55,6 @@ def _fusion_key(run_cfg: DictConfig) -> dict[str, Any]:
     key = {group: _plain(run_cfg[group]) for group in ("data", "model", "trainer")}
     key["module"] = {k: v for k, v in _plain(run_cfg.module).items() if k not in OWN_MODULE_KEYS}
     key["lora"] = {k: v for k, v in _plain(run_cfg.lora).items() if k not in OWN_LORA_KEYS}
-    key["lora"]["pissa"] = run_cfg.lora.get("init") == "pissa"
     return key
 
 
@@ -55,23 +65,6 @@ def _differences(key: dict[str, Any], other: dict[str, Any]) -> list[str]:
 
 def _unsupported(run_cfg: DictConfig) -> str | None:
     """Why runs with this config cannot be fused, or None if they can."""
-    trainer = _plain(run_cfg.trainer)
-    allowed = {"gradient_clip_val": (None, 0), "accumulate_grad_batches": (None, 1)}
-    allowed["max_steps"] = (None, -1)
-    for key, why in UNSUPPORTED_TRAINER.items():
-        if trainer.get(key) not in allowed[key]:
-            return f"trainer.{key}={trainer[key]!r}: {why}"
-    if str(trainer.get("precision")) in ("16-mixed", "16", "16-true"):
-        # Lightning's gradient scaler updates after every optimizer step: K times a batch.
-        return (
-            f"trainer.precision={trainer['precision']!r}: the fp16 gradient scaler would update "
-            "once per member; fused passes run in 32-true, bf16-mixed or bf16-true"
-        )
-    if run_cfg.lora.get("loraplus_lr_ratio") is not None:
-        return (
-            f"lora.loraplus_lr_ratio={run_cfg.lora.loraplus_lr_ratio}: LoRA+ gives B its own "
-            "learning rate, and a fused pass gives each member one"
-        )
     network = instantiate(run_cfg.model)
     inject_lora(network, lora_config_of(run_cfg.lora))
     try:
@@ -79,6 +72,23 @@ def _unsupported(run_cfg: DictConfig) -> str | None:
     except GroupingError as error:
         return str(error)
     return None
+
+
+def pass_config(run_cfg: DictConfig) -> DictConfig:
+    """The config a fused pass builds its Trainer from: the run's, with the Trainer options
+    the module applies per member (`step_options`) set to `TAKEN_OVER` (Lightning refuses
+    them under manual optimization)."""
+    cfg = copy.deepcopy(run_cfg)
+    with open_dict(cfg):
+        for key, value in TAKEN_OVER.items():
+            cfg.trainer[key] = value
+    return cfg
+
+
+def step_options(run_cfg: DictConfig) -> StepOptions:
+    """The gradient clipping and accumulation a pass applies per member (from `trainer.*`);
+    the pass's own Trainer gets `TAKEN_OVER` instead."""
+    return StepOptions.from_trainer(_plain(run_cfg.trainer))
 
 
 #: `fusable`'s answer: the groups that train fused, and each other run with its reason.

@@ -28,7 +28,6 @@ from lora_lab.lora import (
     unload_lora,
     unmerge_lora,
 )
-from lora_lab.lora.grouped import GroupingError, check_groupable
 from tests.lora.testkit import make_input, make_model, nudge_adapters
 
 CASES = [
@@ -217,13 +216,6 @@ def test_the_norm_passes_no_gradient() -> None:
     weight = layer.base_layer.weight + layer.scaling * layer.lora_B.weight @ layer.lora_A.weight
     direction = (weight / weight.norm(dim=1, keepdim=True)).detach()
     torch.testing.assert_close(layer.lora_magnitude_vector.grad, (x @ direction.T).sum(0))
-
-
-def test_dora_does_not_fuse() -> None:
-    model = make_model("mlp")
-    inject_lora(model, LoRAConfig(rank=2, alpha=2, use_dora=True))
-    with pytest.raises(GroupingError, match="DoRA adapters do not fuse"):
-        check_groupable([model])
 
 
 def test_dora_on_an_unsupported_layer_names_it() -> None:

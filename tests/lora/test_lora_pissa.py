@@ -28,7 +28,6 @@ from lora_lab.lora import (
     unload_lora,
     unmerge_lora,
 )
-from lora_lab.lora.grouped import GroupingError, check_groupable
 from tests.lora.testkit import (
     assert_same_snapshot,
     make_input,
@@ -210,13 +209,6 @@ def test_non_linear_targets_are_refused(kind: str, targets: list[str], layer: st
     ):
         inject_lora(model, config)
     assert_same_snapshot(before, snapshot(model))
-
-
-def test_pissa_does_not_fuse() -> None:
-    model = make_model("mlp")
-    inject_lora(model, LoRAConfig(rank=2, alpha=2, init="pissa"))
-    with pytest.raises(GroupingError, match="PiSSA adapters do not fuse"):
-        check_groupable([model])
 
 
 def test_a_network_sharing_the_pretrained_weights_keeps_them() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from lora_lab.lora import LoRAConfig, lora_parameters
 from lora_lab.models import MLP, ClassifierModule, ConvNet, LinearMap, RegressionModule
 from lora_lab.models.fused import FusedLoRAModule
 from lora_lab.models.member_optim import member_optimizers
+from lora_lab.models.member_steps import StepOptions
 from lora_lab.models.module import LoRAClassifierModule, LoRARegressionModule, TaskModule
 from lora_lab.pipeline.methods import available_methods, lora_config_of, method_patch
 from tests.fake_cuda import CUDA, cuda_batch, fake_backward, fake_cuda, on_cuda, to_fake_cuda
@@ -170,23 +172,58 @@ def test_a_cpu_tensor_mixed_into_a_step_is_caught():
             module.training_step(cuda_batch(MLP_INPUT, CLASSES), 0)
 
 
-def fused_members(network: Callable[[], torch.nn.Module], methods: list[str]) -> list[TaskModule]:
+def fused_members(
+    network: Callable[[], torch.nn.Module], methods: list[str], **overrides: object
+) -> list[TaskModule]:
     members = []
     for index, method in enumerate(methods):
         torch.manual_seed(0)  # identical frozen networks, as a pass builds them
         base = network()
         torch.manual_seed(index + 1)
-        members.append(lora_classifier(base, method))
+        members.append(lora_classifier(base, method, **overrides))
     return members
 
 
-@pytest.mark.parametrize(
-    ("network", "shape"), [(mlp, MLP_INPUT), (convnet, CONV_INPUT)], ids=["mlp", "convnet"]
-)
-def test_the_fused_module_trains_validates_and_tests_on_the_device(network, shape):
-    members = fused_members(network, ["default", "default", "rslora"])
-    fused = FusedLoRAModule(members)
+# name → (network, batch shape, member methods, LoRA overrides, step options)
+FUSED: dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...], list[str], dict, dict]] = {
+    # adapter dropout: each member's own layer runs on its rows
+    "mlp": (mlp, MLP_INPUT, ["default", "default", "rslora"], {}, {}),
+    "convnet": (convnet, CONV_INPUT, ["default", "default", "rslora"], {}, {}),
+    # every method in one pass, through the grouped maths (no adapter dropout), a trained
+    # head, and gradients clipped per member and accumulated over two batches
+    "mlp-every-method-head-clip-accumulate": (
+        mlp,
+        MLP_INPUT,
+        available_methods(),
+        {"dropout": 0.0, "target_modules": ["hidden.0", "hidden.1"], "modules_to_save": ["head"]},
+        {"gradient_clip_val": 0.5, "accumulate_grad_batches": 2},
+    ),
+    # Conv2d adapters on shared (conv1) and folded (conv2) input, each with its own bias
+    "convnet-conv-lora-only-bias": (
+        convnet,
+        CONV_INPUT,
+        ["default", "rslora"],
+        {"dropout": 0.0, "target_modules": ["conv1", "conv2", "fc1", "head"], "bias": "lora_only"},
+        {"gradient_clip_val": 0.5, "gradient_clip_algorithm": "value"},
+    ),
+    # DoRA beside LoRA on a Conv2d, and every bias trained: member-specific modules run per member
+    "convnet-dora-all-biases": (
+        convnet,
+        CONV_INPUT,
+        ["default", "dora"],
+        {"dropout": 0.0, "target_modules": ["conv2", "fc1"], "bias": "all"},
+        {},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FUSED))
+def test_the_fused_module_trains_validates_and_tests_on_the_device(name: str):
+    network, shape, methods, overrides, steps = FUSED[name]
+    members = fused_members(network, methods, **overrides)
+    fused = FusedLoRAModule(members, steps=StepOptions(**steps))
     fused.on_train_start()  # the once-per-fit read of which members train (host, before)
+    fused._trainer = SimpleNamespace(num_training_batches=2)  # what _step_now reads
     with fake_cuda():
         to_fake_cuda(fused)
         trainable = [p for m in members for p in lora_parameters(m.network)]
@@ -210,5 +247,5 @@ def test_the_fused_module_trains_validates_and_tests_on_the_device(network, shap
         fused.test_step(batch, 0)
         assert on_cuda(fused._sums["val"], fused._sums["test"])
     assert all(m.per_class_test_acc is None for m in members)  # set at test epoch end only
-    assert fused.indices() == [0, 1, 2]
+    assert fused.indices() == list(range(len(methods)))
     assert CUDA.type == "cuda"

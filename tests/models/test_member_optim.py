@@ -53,3 +53,25 @@ def test_members_with_other_optimizers_get_one_each(second: functools.partial):
     optimizers, _ = member_optimizers(members)
     assert [type(o) for o in optimizers] == [torch.optim.Adam, second.func]
     assert optimizers[1].param_groups[0]["params"] == members[1].trainable_parameters()
+
+
+def test_a_loraplus_member_keeps_its_two_rates_and_its_schedule_drives_both():
+    adam = [functools.partial(torch.optim.Adam, lr=lr) for lr in (1e-3, 1e-2)]
+    members = [member(adam[0], PLATEAU), member(adam[1], PLATEAU)]
+    members[1].loraplus_lr_ratio = 16
+    (optimizer,), schedulers = member_optimizers(members)
+    assert [group["lr"] for group in optimizer.param_groups] == [1e-3, 1e-2, 0.16]
+    b_factors = {id(p) for n, p in members[1].network.named_parameters() if "lora_B" in n}
+    assert {id(p) for p in optimizer.param_groups[2]["params"]} == b_factors
+    for step in range(2):  # member 1 plateaus: both of its groups halve, member 0's does not
+        schedulers[1].step(1.0)
+        schedulers[0].step(1.0 - step)
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([1e-3, 5e-3, 0.08])
+
+
+def test_loraplus_members_without_schedulers_share_groups_by_rate():
+    members = [member(functools.partial(torch.optim.Adam, lr=1e-2)) for _ in range(2)]
+    members[0].loraplus_lr_ratio = 16
+    (optimizer,), _ = member_optimizers(members)
+    assert [group["lr"] for group in optimizer.param_groups] == [1e-2, 0.16]
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == 8

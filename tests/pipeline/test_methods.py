@@ -53,14 +53,9 @@ def test_a_method_sets_only_its_own_keys_over_the_study_settings():
         assert settings.dropout == 0.1 and list(settings.target_modules) == ["hidden.0"]
 
 
-def test_methods_fuse_where_the_maths_allows_and_say_why_not():
+def test_every_method_fuses_into_one_group():
     runs = [run for run in plan(composed(ALL, "sweep.ranks=[1,2]")) if run.stage == "lora"]
-    groups, alone = fusion.fusable(runs)
-    assert [{run.method for run in group} for group in groups] == [{"default", "rslora"}]
-    reasons = {run.method: why for run, why in alone}
-    assert "DoRA adapters do not fuse" in reasons["dora"]
-    assert "PiSSA adapters do not fuse" in reasons["pissa"]
-    assert "LoRA+ gives B its own learning rate" in reasons["loraplus"]
+    assert fusion.fusable(runs) == ([runs], [])
 
 
 def test_loraplus_gives_b_its_learning_rate_in_the_lightning_module(tmp_path: Path):
@@ -120,8 +115,8 @@ def test_a_methods_sweep_writes_the_method_column_plot_and_table(method_study: P
     assert sorted(lora.method.unique()) == ["default", "dora", "loraplus", "pissa", "rslora"]
     assert table[table.stage != "lora"].method.isna().all()
     assert (table.status == "ok").all()
-    assert set(lora[lora.method.isin(["default", "rslora"])]["pass"].str[:6]) == {"fused_"}
-    assert (lora[lora.method == "dora"]["pass"] == lora[lora.method == "dora"].run_id).all()
+    # every method and rank of the seed in one training pass
+    assert lora["pass"].nunique() == 1 and lora["pass"].iloc[0].startswith("fused_")
     report = (method_study / "report.md").read_text()
     assert "## Methods" in report
     assert "| rank | default | dora | loraplus | pissa | rslora | best |" in report
