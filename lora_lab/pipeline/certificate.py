@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import random
 import shutil
 from collections import Counter
@@ -100,19 +99,6 @@ def largest_difference(fused_adapter: Path, alone_adapter: Path) -> float:
     return largest
 
 
-def tested_examples(run_cfg: DictConfig, datamodule: Any) -> int:
-    """How many test examples a run's test counts (`trainer.limit_test_batches` applied)."""
-    examples = len(datamodule.test_dataloader().dataset)
-    batch = int(datamodule.eval_batch_size)
-    batches = math.ceil(examples / batch)
-    limit = run_cfg.trainer.get("limit_test_batches")
-    if isinstance(limit, int) and not isinstance(limit, bool):
-        batches = min(batches, limit)
-    elif isinstance(limit, float):
-        batches = int(batches * limit)
-    return max(1, min(examples, batches * batch))
-
-
 def _compare(run: PlannedRun, record: dict, study_dir: Path, alone: StageRun) -> dict[str, Any]:
     """One member's entry: the differences against its twin, or the reason there are none."""
     entry: dict[str, Any] = {"run_id": run.run_id, "pass": record["pass"]}
@@ -123,7 +109,6 @@ def _compare(run: PlannedRun, record: dict, study_dir: Path, alone: StageRun) ->
     if fused_acc is not None and alone_acc is not None:
         entry["test_acc_fused"], entry["test_acc_alone"] = fused_acc, alone_acc
         entry["test_acc_diff"] = abs(float(fused_acc) - float(alone_acc))
-        entry["acc_tolerance"] = 1.0 / tested_examples(run.cfg, alone.datamodule)
     return entry
 
 

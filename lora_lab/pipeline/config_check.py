@@ -58,7 +58,7 @@ class SweepSchema:
     restart: bool = False
     lr_extend: int = field(default=2, metadata=_bound(AT_LEAST_0))
     verify: int = field(default=1, metadata=_bound(AT_LEAST_0))  # the exactness certificate
-    verify_tolerance: float = field(default=1e-5, metadata=_bound(POSITIVE))
+    verify_tolerance: float = field(default=0.005, metadata=_bound(POSITIVE))
 
 
 @dataclass
