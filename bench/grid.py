@@ -16,13 +16,12 @@ Usage: python bench/grid.py [--epochs 5] [--ranks 1,2,...,64] [--lrs 3e-4,1e-3,3
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pandas as pd
-from _compare import print_mean_gap  # bench/ is the script's folder
+from _compare import lora_stage_seconds, print_mean_gap  # bench/ is the script's folder
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -47,15 +46,7 @@ def sweep(args: argparse.Namespace, out: Path, cache: Path, seed: str, fused: bo
         f"data.cache_dir={cache}",
         f"output_dir={out}",
     ]
-    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if done.returncode:
-        sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    # from the last result before the LoRA stage (the full finetune's, whatever its run ids)
-    results = list((out / "runs").glob("*/result.json"))
-    lora = [p.stat().st_mtime for p in results if p.parent.name.startswith("lora_")]
-    return max(lora) - max(
-        p.stat().st_mtime for p in results if not p.parent.name.startswith("lora_")
-    )
+    return lora_stage_seconds(cmd, out)
 
 
 def main() -> None:

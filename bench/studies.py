@@ -17,14 +17,13 @@ tests/test_bench.py): its timings mean nothing.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
-from _compare import print_mean_gap  # bench/ is the script's folder
+from _compare import lora_stage_seconds, print_mean_gap  # bench/ is the script's folder
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -62,13 +61,7 @@ def sweep(args: argparse.Namespace, out: Path, extra: list[str], seed: str, fuse
         *extra,
         *args.overrides,
     ]
-    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if done.returncode:
-        sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    results = list((out / "runs").glob("*/result.json"))
-    lora = [p.stat().st_mtime for p in results if p.parent.name.startswith("lora_")]
-    before = [p.stat().st_mtime for p in results if not p.parent.name.startswith("lora_")]
-    return max(lora) - max(before)
+    return lora_stage_seconds(cmd, out)
 
 
 def main() -> None:
