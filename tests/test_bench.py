@@ -17,7 +17,9 @@ def test_the_gpu_check_runs_every_check_on_tiny_settings(tmp_path: Path):
         capture_output=True,
         text=True,
         cwd=tmp_path,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # this checkout's lora_lab, whatever else is installed (a relative PYTHONPATH=. would
+        # resolve in tmp_path)
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(BENCH.parent)},
         timeout=500,
     )
     assert done.returncode == 0, done.stderr[-3000:]
