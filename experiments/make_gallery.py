@@ -42,7 +42,7 @@ STUDIES: dict[str, list[str]] = {
 #: study's 105 adapters make 5,460 pairs per layer, and subspaces across methods are not what
 #: that study asks about.
 NO_ANALYSIS = {"fashion_mnist_methods"}
-KEEP = ("results.csv", "analysis.csv", "curves.csv", "*.png")
+KEEP = ("results.csv", "analysis.csv", "curves.csv", "confusion.csv", "verify.json", "*.png")
 
 
 def commands(name: str, work: Path, extra: list[str]) -> list[list[str]]:
@@ -68,7 +68,11 @@ def make(name: str, into: Path, work_root: Path, extra: list[str]) -> Path:
     steps = commands(name, work, extra)
     for step in steps:
         print("+", shlex.join(step), flush=True)
-        subprocess.run([sys.executable, "-m", "lora_lab.cli", *step[1:]], check=True, cwd=ROOT)
+        done = subprocess.run([sys.executable, "-m", "lora_lab.cli", *step[1:]], cwd=ROOT)
+        # 1: the study finished but its exactness certificate failed; the report says so and
+        # the gallery keeps it, as the study wrote it. Anything else stops the gallery.
+        if done.returncode not in (0, 1):
+            raise subprocess.CalledProcessError(done.returncode, step)
     target = into / name
     if target.exists():
         shutil.rmtree(target)
