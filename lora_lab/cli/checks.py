@@ -57,12 +57,16 @@ def preflight(command: str, parsed: argparse.Namespace) -> Checked:
     Returns:
         The notes to say, and the job checked.
     """
+    from lora_lab.pipeline.config_check import check_values
     from lora_lab.pipeline.overrides import multirun_jobs, pinned_output_dir, shadowed_overrides
+    from lora_lab.pipeline.run_config import STAGES
     from lora_lab.pipeline.schema import raise_problems
 
     if any((parsed.cfg, parsed.info, parsed.help, parsed.hydra_help, parsed.shell_completion)):
-        if not parsed.multirun:
-            raise_problems(compose_config(parsed)[1])  # a bad override is refused here too
+        if not parsed.multirun:  # a bad value is refused here too (no torch: plain values)
+            cfg, refused = compose_config(parsed)
+            stages = STAGES if command == "sweep" else [s for s in STAGES if s == cfg.stage]
+            raise_problems([*refused, *check_values(cfg, stages)])
         return Checked()  # Hydra prints and exits: nothing runs, nothing is written
     if not parsed.multirun:
         cfg, refused = compose_config(parsed)
