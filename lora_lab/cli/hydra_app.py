@@ -65,6 +65,7 @@ def hydra_command(command: str, args: list[str], debug: bool) -> int:
 
     def check() -> int:
         nonlocal checked
+        register_schema()  # for Hydra's compositions: the preflight's, and hydra.main's
         typed.update(typed_values(parsed.overrides))
         checked = preflight(command, parsed)
         return 0
@@ -72,7 +73,6 @@ def hydra_command(command: str, args: list[str], debug: bool) -> int:
     code = guard(check, debug, typed)
     if code:
         return code
-    register_schema()  # (the preflight's compose did; not under -m with --cfg)
     sys.argv = [f"lora-lab {command}", *args, *checked.pinned]
     app = hydra.main(config_path=config_search_path(), config_name=CONFIG_NAME, version_base="1.3")
     try:
