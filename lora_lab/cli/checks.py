@@ -1,10 +1,11 @@
 """The preflight of `sweep` and `train`: every check that can run before Hydra writes into
-output_dir, plain values first (before torch and Lightning load), then what only built
-objects can check."""
+output_dir (`pipeline.preflight`: plain values first, before torch and Lightning load, then
+what only built objects can check), and the output folder's."""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,6 +14,8 @@ from lora_lab.cli.compose import compose_config
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
+
+    from lora_lab.pipeline.schema import Problem
 
 
 @dataclass
@@ -23,7 +26,7 @@ class Checked:
     Attributes:
         notes: One line per command-line override that another key shadows.
         cfg: The job's composed config.
-        runs: A sweep's plan of `cfg`, every check passed.
+        runs: A sweep's plan of `cfg`, every check passed ([] for train).
         pinned: Overrides for Hydra that keep it to the job checked (`pinned_output_dir`).
     """
 
@@ -54,15 +57,20 @@ def preflight(command: str, parsed: argparse.Namespace) -> Checked:
     Returns:
         The notes to say, and the job checked.
     """
+    from lora_lab.pipeline.config_check import check_values
     from lora_lab.pipeline.overrides import multirun_jobs, pinned_output_dir, shadowed_overrides
+    from lora_lab.pipeline.run_config import STAGES
+    from lora_lab.pipeline.schema import raise_problems
 
     if any((parsed.cfg, parsed.info, parsed.help, parsed.hydra_help, parsed.shell_completion)):
-        if not parsed.multirun:
-            compose_config(parsed)  # a bad override is one line here too
+        if not parsed.multirun:  # a bad value is refused here too (no torch: plain values)
+            cfg, refused = compose_config(parsed)
+            stages = STAGES if command == "sweep" else [s for s in STAGES if s == cfg.stage]
+            raise_problems([*refused, *check_values(cfg, stages)])
         return Checked()  # Hydra prints and exits: nothing runs, nothing is written
     if not parsed.multirun:
-        cfg = compose_config(parsed)
-        runs = check_job(command, cfg, None)
+        cfg, refused = compose_config(parsed)
+        runs = check_job(command, cfg, None, refused=refused)
         notes = shadowed_overrides(cfg, parsed.overrides, command)
         return Checked(notes, cfg, runs, pinned_output_dir(cfg, parsed.overrides))
     jobs = multirun_jobs(parsed.overrides)
@@ -74,38 +82,35 @@ def preflight(command: str, parsed: argparse.Namespace) -> Checked:
     local = all(name in ("basic", "joblib") for name in launchers)
     notes: list[str] = []
     for index, job in enumerate(jobs or []):
-        cfg = compose_config(argparse.Namespace(**{**vars(parsed), "overrides": job}))
-        check_job(command, cfg, Path(str(cfg.output_dir)).expanduser(), build_trainer=local)
+        cfg, refused = compose_config(argparse.Namespace(**{**vars(parsed), "overrides": job}))
+        folder = Path(str(cfg.output_dir)).expanduser()
+        check_job(command, cfg, folder, build_trainer=local, refused=refused)
         if index == 0:
             notes = shadowed_overrides(cfg, job, command)
     return Checked(notes)
 
 
 def check_job(
-    command: str, cfg: DictConfig, sweep_dir: Path | None, build_trainer: bool = True
-) -> list[Any] | None:
+    command: str,
+    cfg: DictConfig,
+    sweep_dir: Path | None,
+    build_trainer: bool = True,
+    refused: Sequence[Problem] = (),
+) -> list[Any]:
     """The checks of one study (`sweep`) or one stage (`train`); under `-m`, `sweep_dir` is
-    the multirun folder that holds each job's folder. Returns a study's plan."""
-    from lora_lab.pipeline.config_check import check_values
-    from lora_lab.pipeline.plan import plan
+    the multirun folder that holds each job's folder. `refused`: the overrides Hydra refused
+    (`compose_config`), said with the other problems. Returns a study's plan ([] for train).
+    """
+    from lora_lab.pipeline.preflight import preflight
     from lora_lab.pipeline.resume import check_output_dir, check_study_dir
 
     out = Path(str(cfg.output_dir)).expanduser()
-    # Plain values first: these modules import no torch, so a bad value is refused at once.
-    if command == "sweep":
-        runs = plan(cfg)
-    else:
-        check_values(cfg, stages=(str(cfg.stage),))
-    # What only built objects can check: from here on torch and Lightning are imported.
-    if command == "sweep":
-        from lora_lab.pipeline.preflight import check_study
+    stage = None if command == "sweep" else str(cfg.stage)
+    runs = preflight(cfg, stage, build_trainer, refused)
+    if command == "train":
+        from lora_lab.pipeline.train import pretrained_weights  # (imports torch)
 
-        check_study(cfg, runs, build_trainer)
-    else:
-        from lora_lab.pipeline.train import train_preflight
-
-        train_preflight(cfg, build_trainer)
-        runs = None
+        pretrained_weights(cfg)
     check_output_dir(sweep_dir or out)
     if command == "sweep" and sweep_dir is None:
         check_study_dir(cfg, out)

@@ -8,10 +8,10 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lora_lab.cli.checks import Checked, preflight
-from lora_lab.cli.compose import hydra_args
+from lora_lab.cli.compose import hydra_args, typed_values
 from lora_lab.cli.errors import guard
 from lora_lab.config_path import CONFIG_NAME, config_search_path
 
@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 def hydra_command(command: str, args: list[str], debug: bool) -> int:
     import hydra
     from hydra.core.hydra_config import HydraConfig
+
+    from lora_lab.pipeline.schema import register_schema
 
     exit_code = 0
     command_line = shlex.join(["lora-lab", command, *args])
@@ -43,7 +45,7 @@ def hydra_command(command: str, args: list[str], debug: bool) -> int:
             if command == "sweep":
                 # the preflight's plan; None under -m, where each job checks itself
                 return run_study(cfg, study_dir, command_line, checked.plan_of(cfg))
-            result, _ = train(cfg, study_dir)
+            result, _ = train(cfg, study_dir, checked=checked.plan_of(cfg) is not None)
             say(f"{result.summary()} → {study_dir}")
             return 0
 
@@ -59,12 +61,16 @@ def hydra_command(command: str, args: list[str], debug: bool) -> int:
     except SystemExit as stop:  # argparse has printed the usage and the problem
         return stop.code if isinstance(stop.code, int) else 2
 
+    typed: dict[str, Any] = {}  # the values the command line gave, shown as typed
+
     def check() -> int:
         nonlocal checked
+        register_schema()  # for Hydra's compositions: the preflight's, and hydra.main's
+        typed.update(typed_values(parsed.overrides))
         checked = preflight(command, parsed)
         return 0
 
-    code = guard(check, debug)
+    code = guard(check, debug, typed)
     if code:
         return code
     sys.argv = [f"lora-lab {command}", *args, *checked.pinned]

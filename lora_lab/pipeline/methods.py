@@ -16,16 +16,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from lora_lab.config_path import config_dir
 from lora_lab.lora import LoRAConfig
+from lora_lab.pipeline.schema import ConfigError, Problem
 
 CONF_DIR = config_dir()
 # The keys a method option sets; every other `lora.*` key is the study's.
 METHOD_KEYS = ("method", "use_rslora", "use_dora", "init", "loraplus_lr_ratio")
 # `lora.*` keys that are not LoRAConfig fields: the method's name and an optimizer setting.
 EXTRA_KEYS = ("method", "loraplus_lr_ratio")
-
-
-class MethodError(ValueError):
-    """A `sweep.methods` entry that names no option of `conf/lora/`."""
 
 
 def available_methods(conf_dir: Path = CONF_DIR) -> list[str]:
@@ -38,16 +35,22 @@ def method_patch(name: str, conf_dir: Path = CONF_DIR) -> dict[str, Any]:
     """The method keys of option `name`: `default`'s, with the option's own over them.
 
     Raises:
-        MethodError: naming the options there are.
+        ConfigError: naming the options there are.
     """
-    known = available_methods(conf_dir)
-    if name not in known:
-        raise MethodError(
-            f"sweep.methods holds {name!r}, which is not a LoRA method; choose from "
-            f"{', '.join(known)} (the options of conf/lora/)"
-        )
+    problem = unknown_method([name], name, conf_dir)
+    if problem is not None:
+        raise ConfigError([problem])
     default, option = _option(conf_dir, "default"), _option(conf_dir, name)
     return {key: option.get(key, default.get(key)) for key in METHOD_KEYS}
+
+
+def unknown_method(names: list[str], name: str, conf_dir: Path = CONF_DIR) -> Problem | None:
+    """The problem of `sweep.methods=names` whose entry `name` is no option of `conf/lora/`."""
+    known = available_methods(conf_dir)
+    if name in known:
+        return None
+    reason = f"is not allowed: {name!r} is not a LoRA method; choose from {', '.join(known)}"
+    return Problem("sweep.methods", names, reason)
 
 
 @functools.cache

@@ -14,23 +14,19 @@ folder the command line's preflight checked (`pinned_output_dir`).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-from lora_lab.pipeline.run_config import STAGES
+from lora_lab.pipeline.run_config import SHORTCUTS, STAGES
 
 # Top-level key → the `stages.<stage>.<shortcut>` that wins over it.
-SHORTCUTS = {
-    "trainer.max_epochs": "max_epochs",
-    "data.classes": "classes",
-    "module.optimizer.lr": "lr",
-}
+SHORTCUT_OF = {key: shortcut for shortcut, key in SHORTCUTS.items()}
 MERGED_GROUPS = ("data", "module", "trainer")
 
 
@@ -42,8 +38,8 @@ def _show(value: Any) -> str:
 
 def _stage_shadow(cfg: DictConfig, key: str, stage: str) -> tuple[str, Any] | None:
     """The `stages.<stage>…` key (and its value) that wins over `key` for `stage`, if any."""
-    if key in SHORTCUTS:
-        shortcut = f"stages.{stage}.{SHORTCUTS[key]}"
+    if key in SHORTCUT_OF:
+        shortcut = f"stages.{stage}.{SHORTCUT_OF[key]}"
         value = OmegaConf.select(cfg, shortcut, default=None)
         if value is not None:
             return shortcut, value
@@ -118,8 +114,9 @@ def shadowed_overrides(cfg: DictConfig, overrides: Sequence[str], command: str) 
 
 
 def multirun_jobs(overrides: Sequence[str]) -> list[list[str]] | None:
-    """The overrides of each job of a `-m` sweep, as Hydra's basic sweeper splits them (None
-    under another sweeper, which decides its jobs as it goes).
+    """The overrides of each job of a `-m` sweep, as Hydra's basic sweeper splits them: every
+    combination of the swept values, in order (None under another sweeper, which decides its
+    jobs as it goes).
 
     Raises:
         ValueError: in one line, for overrides Hydra cannot parse.
@@ -128,10 +125,15 @@ def multirun_jobs(overrides: Sequence[str]) -> list[list[str]] | None:
         return None
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
-        (batch,) = BasicSweeper.split_arguments(parsed, None)
+        choices = [
+            [f"{o.get_key_element()}={value}" for value in o.sweep_string_iterator()]
+            if o.is_sweep_override()
+            else [o.input_line]
+            for o in parsed
+        ]
     except HydraException as error:
         raise ValueError(" ".join(str(error).split())) from None
-    return batch
+    return [list(job) for job in itertools.product(*choices)]
 
 
 def pinned_output_dir(cfg: DictConfig | None, overrides: Sequence[str]) -> list[str]:

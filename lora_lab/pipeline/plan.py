@@ -1,29 +1,19 @@
-"""Plan a study: its runs in order, their per-run configs, names and identities, and the
-checks of plain values that must pass before anything trains or is written. It imports no
-torch, so that the command line refuses a bad value at once; `preflight` checks what only
-built objects can."""
+"""Plan a study: its runs in order, their per-run configs, names and identities. The config
+is checked already (`preflight`): the plan trusts it. It imports no torch."""
 
 from __future__ import annotations
 
 import itertools
-import math
-from collections import Counter
 from dataclasses import dataclass, field
 
 from omegaconf import DictConfig
 
-from lora_lab.pipeline.config_check import check_values
-from lora_lab.pipeline.methods import lora_config_of, method_patch
 from lora_lab.pipeline.resume import run_identity
 from lora_lab.pipeline.run_config import adapter_name_for, run_id_for, stage_config
 
 #: `sweep.seeds=auto`, and the seeds 0 … AUTO_FIRST_SEEDS − 1 such a study starts with.
 AUTO = "auto"
 AUTO_FIRST_SEEDS = 3
-
-
-class StudyError(ValueError):
-    """Bad study input, found before any training starts."""
 
 
 @dataclass
@@ -67,70 +57,24 @@ class PlannedRun:
         return f"lora rank={self.rank}{swept} seed={self.seed}"
 
 
-def _ranks(cfg: DictConfig) -> list[int]:
-    ranks = cfg.sweep.ranks
-    if ranks is None or isinstance(ranks, (str, int)) or len(ranks) == 0:
-        raise StudyError(
-            f"sweep.ranks={ranks!r} must be a non-empty list of integers ≥ 1, e.g. sweep.ranks=[1,2,4,8]"
-        )
-    return list(ranks)
+def _grid(cfg: DictConfig, key: str) -> list[float | None]:
+    """The values of an optional sweep dimension: `[None]` (not swept) for null or []."""
+    return [float(value) for value in cfg.sweep.get(key) or []] or [None]
 
 
-def _grid(cfg: DictConfig, key: str, example: str) -> list[float | None]:
-    """The values of an optional sweep dimension: `[None]` (not swept) for null or [].
-
-    Raises:
-        StudyError: for a value that is not a list of positive numbers.
-    """
-    values = cfg.sweep.get(key)
-    if values is None:
-        return [None]
-    if isinstance(values, (str, int, float)):
-        raise StudyError(f"sweep.{key}={values!r} must be a list, e.g. sweep.{key}={example}")
-    for value in values:
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-            or value <= 0
-        ):
-            raise StudyError(
-                f"sweep.{key} holds {value!r}; it must list positive numbers, e.g. sweep.{key}={example}"
-            )
-    return [float(value) for value in values] or [None]
-
-
-def sweep_jobs(cfg: DictConfig) -> int:
-    """`sweep.jobs`: how many runs go at a time (1 when absent).
-
-    Raises:
-        StudyError: for anything but an integer ≥ 1.
-    """
-    jobs = cfg.sweep.get("jobs", 1)
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise StudyError(f"sweep.jobs={jobs!r} must be an integer ≥ 1, e.g. sweep.jobs=2")
-    return jobs
+def _methods(cfg: DictConfig) -> list[str | None]:
+    """`sweep.methods` (names of `conf/lora/` options), or `[None]`: the study's own `lora`."""
+    return [str(name) for name in cfg.sweep.get("methods") or []] or [None]
 
 
 def plan(cfg: DictConfig) -> list[PlannedRun]:
     """The runs of a study, in order, with their per-run configs, names and identities.
 
-    Checks every plain value on the way (`check_values`, then the sweep's own rules); what
-    only built objects can check is `preflight.check_study`'s. Imports no torch.
-
-    Raises:
-        StudyError / ValueError: on bad input (bad ranks, seeds, grids, methods, LoRA values,
-            repeated runs), before anything is trained or written.
+    The config must have passed `preflight`'s checks of plain values (`config_check`); the
+    plan's own (one name per run, one validation split) are `preflight.check_plan`'s.
     """
-    check_values(cfg)
     seeds = study_seeds(cfg)
-    sweep_jobs(cfg)
-    # `lora.rank` itself is replaced by each of sweep.ranks, but a bad value is still an error.
-    lora_config_of(cfg.lora)
-    alphas = _grid(cfg, "alphas", "[1,8,32]")
-    learning_rates = _grid(cfg, "learning_rates", "[1e-4,1e-3]")
-    methods = _methods(cfg)
-    # (checked by the schema: a list of numbers > 0, or null)
+    alphas, learning_rates = _grid(cfg, "alphas"), _grid(cfg, "learning_rates")
     full_lrs = [float(v) for v in cfg.stages.full_finetune.get("learning_rates") or []] or [None]
     # The baseline runs for every seed too when seeds are swept: the recommended rank compares
     # LoRA's seeds with the full finetune's (one seed alone: the study's `seed`, as before).
@@ -143,66 +87,22 @@ def plan(cfg: DictConfig) -> list[PlannedRun]:
     runs += [
         PlannedRun("lora", int(seed), rank, alpha, learning_rate, method)
         for seed, method, rank, alpha, learning_rate in itertools.product(
-            seeds, methods, _ranks(cfg), alphas, learning_rates
+            seeds, _methods(cfg), cfg.sweep.ranks, alphas, learning_rates
         )
     ]
     for run in runs:
         _name(cfg, run, runs[0])
-    duplicates = sorted(n for n, count in Counter(r.run_id for r in runs).items() if count > 1)
-    if duplicates:
-        raise StudyError(
-            f"the sweep lists the same run more than once ({', '.join(duplicates)}); "
-            "check sweep.ranks, sweep.alphas, sweep.learning_rates, sweep.methods and "
-            "sweep.seeds for repeats"
-        )
-    _check_one_split(runs)
     return runs
-
-
-def _check_one_split(runs: list[PlannedRun]) -> None:
-    """Every stage validates on one split of one dataset, which no stage trains on: a stage's
-    own `data` may not change the dataset, `val_size` or `split_seed`.
-
-    Raises:
-        StudyError: naming the stage, the key and both values.
-    """
-    keys = ("name", "val_size", "split_seed")
-    first = runs[0]
-    for run in runs[1:]:
-        for key in keys:
-            mine, theirs = run.cfg.data.get(key), first.cfg.data.get(key)
-            if mine != theirs:
-                raise StudyError(
-                    f"stages.{run.stage}.data.{key}={mine!r} differs from the {first.stage} "
-                    f"stage's {theirs!r}: every stage must validate on one split, which no "
-                    f"stage trains on; set data.{key} for the whole study instead"
-                )
-
-
-def _methods(cfg: DictConfig) -> list[str | None]:
-    """`sweep.methods` (names of `conf/lora/` options), or `[None]`: the study's own `lora`."""
-    names = cfg.sweep.get("methods")
-    if not names:
-        return [None]
-    for name in names:
-        method_patch(str(name))  # an unknown name lists the ones there are
-    return [str(name) for name in names]
 
 
 def study_seeds(cfg: DictConfig) -> list[int]:
     """The seeds a study starts with: `sweep.seeds`; `auto`: 0, 1, 2 (the fewest a verdict
-    tests, `report.verdict.MIN_SEEDS`; `adaptive` adds more); null: the study's `seed`.
-
-    Raises:
-        StudyError: for an empty list.
-    """
+    tests, `report.verdict.MIN_SEEDS`; `adaptive` adds more); null: the study's `seed`."""
     seeds = cfg.sweep.seeds
     if seeds == AUTO:
         return list(range(AUTO_FIRST_SEEDS))
     if seeds is None:
         return [int(cfg.seed)]
-    if len(seeds) == 0:
-        raise StudyError("sweep.seeds=[] must list at least one seed, e.g. sweep.seeds=[0,1,2]")
     return [int(seed) for seed in seeds]
 
 
@@ -222,7 +122,7 @@ def _several(cfg: DictConfig, stage: str) -> tuple[bool, bool, bool, bool]:
     if stage == "full_finetune":
         full_lrs = cfg.stages.full_finetune.get("learning_rates") or []
         return False, len(full_lrs) > 1, False, len(study_seeds(cfg)) > 1
-    several = [len(_grid(cfg, key, "[1]")) > 1 for key in ("alphas", "learning_rates")]
+    several = [len(_grid(cfg, key)) > 1 for key in ("alphas", "learning_rates")]
     return several[0], several[1], len(_methods(cfg)) > 1, False
 
 

@@ -15,6 +15,12 @@ from lora_lab.pipeline.methods import method_patch
 from lora_lab.results import STAGE_ORDER
 
 STAGES = STAGE_ORDER  # the result type's stage order
+# A stage's shortcuts: `stages.<stage>.<shortcut>` sets the key it names for that stage.
+SHORTCUTS = {
+    "max_epochs": "trainer.max_epochs",
+    "lr": "module.optimizer.lr",
+    "classes": "data.classes",
+}
 
 
 def run_id_for(
@@ -92,12 +98,9 @@ def stage_config(
     }
     merged = OmegaConf.merge(cfg, patch)
     with open_dict(merged):
-        if overrides.classes is not None:
-            merged.data.classes = overrides.classes
-        if overrides.lr is not None:
-            merged.module.optimizer.lr = overrides.lr
-        if overrides.max_epochs is not None:
-            merged.trainer.max_epochs = overrides.max_epochs
+        for shortcut, key in SHORTCUTS.items():
+            if overrides[shortcut] is not None:
+                OmegaConf.update(merged, key, overrides[shortcut], merge=False)
         if learning_rate is not None:
             merged.module.optimizer.lr = learning_rate
         if rank is not None:

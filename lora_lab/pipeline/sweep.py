@@ -29,8 +29,8 @@ from lora_lab.pipeline.environment import environment
 from lora_lab.pipeline.fused import PASSES, train_fused
 from lora_lab.pipeline.fusion import fusable
 from lora_lab.pipeline.parallel import run_pooled
-from lora_lab.pipeline.plan import PlannedRun, plan, sweep_jobs
-from lora_lab.pipeline.preflight import check_study
+from lora_lab.pipeline.plan import PlannedRun
+from lora_lab.pipeline.preflight import preflight
 from lora_lab.pipeline.progress import Progress
 from lora_lab.pipeline.record import write_results_csv
 from lora_lab.pipeline.resume import STUDY_FILE, check_study_dir, set_aside, study_config
@@ -53,9 +53,9 @@ def run_sweep(
         cfg: The composed study config.
         study_dir: The study folder.
         command: The command line, recorded in `study.json`.
-        runs: The plan of this very config, checked by `preflight.check_study` already (the
-            command line's preflight), so that nothing is planned or built twice; None: it is
-            planned and checked here.
+        runs: The plan of this very config, checked by `preflight` already (the command
+            line's), so that nothing is planned or built twice; None: it is checked and
+            planned here.
 
     Returns:
         `{"results": DataFrame, "failed": [run ids], "diverged": [run ids], "skipped":
@@ -63,11 +63,10 @@ def run_sweep(
         failure; a certificate whose `passed` is False is one (`certificate.certify`).
     """
     if runs is None:
-        runs = plan(cfg)  # every run, its config, identity and name; every plain value checked
-        check_study(cfg, runs)  # and what only built objects can check
+        runs = preflight(cfg)  # every check; every run, its config, identity and name
     say_devices(runs)
     env = open_study(cfg, study_dir, command)
-    progress = Progress(runs, study_dir, sweep_jobs(cfg))
+    progress = Progress(runs, study_dir, cfg.sweep.jobs)
 
     def train(indices: list[int]) -> None:
         train_runs(cfg, indices, progress, env)
@@ -118,7 +117,7 @@ def train_runs(
     if "pretrain" in progress.failed + progress.diverged:  # no weights to start from
         record_skipped(others + lora, progress, env, "the pretrain stage failed")
         return
-    pretrained, jobs = progress.study_dir / PRETRAINED, sweep_jobs(cfg)
+    pretrained, jobs = progress.study_dir / PRETRAINED, cfg.sweep.jobs
     if jobs == 1:
         run_sequential(others, progress, env, pretrained=pretrained)
         others = []

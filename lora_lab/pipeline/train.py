@@ -9,9 +9,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from lora_lab.models import load_network_weights
-from lora_lab.pipeline.config_check import check_config
 from lora_lab.pipeline.environment import environment
-from lora_lab.pipeline.preflight import check_builds, check_data, check_lora
+from lora_lab.pipeline.preflight import preflight
 from lora_lab.pipeline.record import record, write_results_csv
 from lora_lab.pipeline.run_config import stage_config
 from lora_lab.pipeline.sequential import StageRun, run_stage
@@ -22,16 +21,22 @@ def train_preflight(cfg: DictConfig, build_trainer: bool = True) -> Path | None:
     """Check a single-stage run before anything is written; returns its starting weights.
 
     Raises:
-        ValueError: for a bad stage, LoRA settings or data, and a `pretrain_ckpt` that is
-            missing, corrupt or made for another architecture.
+        ValueError: for a bad config (`preflight`'s ConfigError), and a `pretrain_ckpt` that
+            is missing, corrupt or made for another architecture.
     """
-    stage = cfg.stage
-    check_config(cfg, stages=(stage,))
-    run_cfg = stage_config(cfg, stage)
-    check_data([run_cfg])
-    check_builds([run_cfg], build_trainer)
-    if stage == "lora":
-        check_lora(run_cfg, [run_cfg])
+    preflight(cfg, str(cfg.stage), build_trainer)
+    return pretrained_weights(cfg)
+
+
+def pretrained_weights(cfg: DictConfig) -> Path | None:
+    """The weights a finetune stage starts from (`pretrain_ckpt`), checked: there, and made for
+    this network; None for the pretrain stage.
+
+    Raises:
+        ValueError: for a `pretrain_ckpt` that is missing, corrupt or made for another
+            architecture.
+    """
+    stage = str(cfg.stage)
     if stage == "pretrain":
         return None
     if cfg.pretrain_ckpt is None:
@@ -42,20 +47,24 @@ def train_preflight(cfg: DictConfig, build_trainer: bool = True) -> Path | None:
     pretrained = Path(str(cfg.pretrain_ckpt)).expanduser()
     if not pretrained.is_file():
         raise ValueError(f"pretrain_ckpt={str(pretrained)!r} does not exist")
-    load_network_weights(instantiate(run_cfg.model), pretrained)  # corrupt / other architecture
+    # a corrupt file, or weights of another architecture
+    load_network_weights(instantiate(stage_config(cfg, stage).model), pretrained)
     return pretrained
 
 
-def train(cfg: DictConfig, study_dir: Path) -> tuple[RunResult, StageRun]:
+def train(cfg: DictConfig, study_dir: Path, checked: bool = False) -> tuple[RunResult, StageRun]:
     """Run the stage `cfg.stage` into `study_dir` and record its result.
 
     The finetune stages start from `cfg.pretrain_ckpt`. Errors are raised (not recorded),
-    since a single run has no sweep to carry on with.
+    since a single run has no sweep to carry on with. `checked`: the command line's
+    `train_preflight` checked this very config already.
 
     Returns:
         The result and the objects that produced it.
     """
-    pretrained = train_preflight(cfg)
+    pretrained = train_preflight(cfg) if not checked else None
+    if checked and cfg.stage != "pretrain":
+        pretrained = Path(str(cfg.pretrain_ckpt)).expanduser()
     stage = cfg.stage
     run_cfg = stage_config(cfg, stage)
     kwargs: dict[str, Any] = {"pretrained": pretrained}

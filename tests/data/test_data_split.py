@@ -4,13 +4,15 @@ another stage (the pretrain above all) trained on."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from hydra.utils import instantiate
 
-from lora_lab.pipeline.plan import StudyError, plan
+from lora_lab.pipeline.plan import plan
+from lora_lab.pipeline.preflight import check_plan
 from lora_lab.pipeline.run_config import stage_config
 from tests.pipeline.study_config import composed, tiny_study_overrides
 
@@ -54,5 +56,6 @@ def test_the_split_seed_moves_the_split_and_the_run_seed_does_not(tmp_path: Path
 def test_a_stage_cannot_validate_on_a_split_of_its_own(tmp_path: Path, override: str):
     cfg = composed(*tiny_study_overrides(tmp_path), f"+stages.lora.data.{override}")
     key = override.split("=")[0]
-    with pytest.raises(StudyError, match=rf"stages\.lora\.data\.{key}=.* every stage must"):
-        plan(cfg)
+    (problem,) = check_plan(plan(cfg))
+    assert problem.key == f"stages.lora.data.{key}"
+    assert re.search(rf"stages\.lora\.data\.{key}=.* every stage must", problem.line())

@@ -75,23 +75,22 @@ def test_the_folder_the_preflight_checked_is_the_one_hydra_is_given():
 
 def test_a_study_is_planned_and_built_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     calls: list[str] = []
-    plan, check_study = plan_module.plan, preflight_module.check_study
+    plan, preflight = plan_module.plan, preflight_module.preflight
 
     def counted_plan(cfg):
         calls.append("plan")
         return plan(cfg)
 
-    def counted_check(*args):
-        calls.append("check_study")
-        return check_study(*args)
+    def counted_preflight(*args):
+        calls.append("preflight")
+        return preflight(*args)
 
-    for module in (plan_module, sweep_module):
-        monkeypatch.setattr(module, "plan", counted_plan)
+    monkeypatch.setattr(preflight_module, "plan", counted_plan)
     for module in (preflight_module, sweep_module):
-        monkeypatch.setattr(module, "check_study", counted_check)
+        monkeypatch.setattr(module, "preflight", counted_preflight)
     args = ["sweep", *tiny_study_overrides(tmp_path), f"output_dir={tmp_path / 'study'}"]
     assert main([*args, "sweep.ranks=[1,2]"]) == 0
-    assert calls == ["plan", "check_study"]  # by the preflight; the study reuses its plan
+    assert calls == ["preflight", "plan"]  # by the command line; the study reuses its plan
 
 
 @pytest.fixture(scope="module")

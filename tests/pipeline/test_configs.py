@@ -15,8 +15,7 @@ from lora_lab.lora import LoRAConfig
 from lora_lab.models import lora_variant, save_network_weights
 from lora_lab.pipeline.builders import build_module
 from lora_lab.pipeline.methods import lora_config_of
-from lora_lab.pipeline.plan import plan
-from lora_lab.pipeline.preflight import check_study
+from lora_lab.pipeline.preflight import preflight
 from lora_lab.pipeline.run_config import stage_config
 from tests.pipeline.study_config import composed
 
@@ -120,8 +119,7 @@ def fake_downloads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.mark.parametrize("experiment", choices("experiment"))
 def test_experiments_plan_valid_studies(experiment: str, fake_downloads: Path):
     cfg = composed(f"experiment={experiment}")
-    runs = plan(cfg)
-    check_study(cfg, runs)  # every stage builds and every data file is there
+    runs = preflight(cfg)  # every check: every stage builds and every data file is there
     assert [r.stage for r in runs[:2]] == ["pretrain", "full_finetune"]
     repeats = len(cfg.sweep.methods or [None]) * len(cfg.sweep.learning_rates or [None])
     lora_ranks = [r.rank for r in runs if r.stage == "lora"]

@@ -187,6 +187,8 @@ def test_ray_launcher_composes_and_instantiates():
 import json
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from lora_lab.pipeline.schema import register_schema
+register_schema()
 with initialize_config_dir(config_dir={str(CONF_DIR)!r}, version_base="1.3"):
     cfg = compose("config", overrides=["hydra/launcher=ray_cluster"], return_hydra_config=True)
 launcher = instantiate(cfg.hydra.launcher)

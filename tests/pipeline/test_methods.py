@@ -77,8 +77,8 @@ def test_loraplus_gives_b_its_learning_rate_in_the_lightning_module(tmp_path: Pa
     [
         (
             "sweep.methods=[default,nosuch]",
-            "sweep.methods holds 'nosuch', which is not a LoRA method; "
-            "choose from default, dora, loraplus, pissa, rslora",
+            "sweep.methods=['default', 'nosuch'] is not allowed: 'nosuch' is not a LoRA method;"
+            " choose from default, dora, loraplus, pissa, rslora",
         ),
         (
             "lora.loraplus_lr_ratio=0",
