@@ -52,7 +52,7 @@ data:  ## install Debian's Fashion-MNIST (the offline default dataset) if it is 
 sweep: setup  ## run the default study (Fashion-MNIST "which rank?", offline; 38-42 s measured on 2 cores at load 1.5) into outputs/
 	$(LORA_LAB) sweep $(ARGS)
 
-test:  ## the default test suite (4 min 13 s measured on 2 cores at load 1)
+test:  ## the default test suite (7 min 45 s in .ci/run beside a second .ci/run on 2 cores)
 	$(PY) -m pytest -m "not slow" -q
 
 test-full:  ## every test, slow ones included
