@@ -11,17 +11,21 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-def test_the_gpu_check_runs_every_check_on_tiny_settings(tmp_path: Path):
-    done = subprocess.run(
-        [sys.executable, str(BENCH / "gpu_check.py"), "--accelerator", "cpu", "--tiny"],
+def run_bench(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run one bench script on this checkout's lora_lab, whatever else is installed (a
+    relative PYTHONPATH=. would resolve in `cwd`)."""
+    return subprocess.run(
+        [sys.executable, str(BENCH / script), *args],
         capture_output=True,
         text=True,
-        cwd=tmp_path,
-        # this checkout's lora_lab, whatever else is installed (a relative PYTHONPATH=. would
-        # resolve in tmp_path)
+        cwd=cwd,
         env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(BENCH.parent)},
         timeout=500,
     )
+
+
+def test_the_gpu_check_runs_every_check_on_tiny_settings(tmp_path: Path):
+    done = run_bench("gpu_check.py", "--accelerator", "cpu", "--tiny", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     checks = {
@@ -35,23 +39,15 @@ def test_the_gpu_check_runs_every_check_on_tiny_settings(tmp_path: Path):
 
 
 def test_the_study_benchmark_runs_fused_and_sequential_on_tiny_settings(tmp_path: Path):
-    done = subprocess.run(
-        # one learning rate, no grid steps: the five methods of a seed in one pass
-        [
-            sys.executable,
-            str(BENCH / "studies.py"),
-            "--tiny",
-            "--ranks",
-            "1",
-            "sweep.learning_rates=null",
-            "sweep.lr_extend=0",
-        ],
-        capture_output=True,
-        text=True,
+    # one learning rate, no grid steps: the five methods of a seed in one pass
+    done = run_bench(
+        "studies.py",
+        "--tiny",
+        "--ranks",
+        "1",
+        "sweep.learning_rates=null",
+        "sweep.lr_extend=0",
         cwd=tmp_path,
-        # this checkout's lora_lab in the sweeps it starts, whatever else is installed
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(BENCH.parent)},
-        timeout=500,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "fashion_mnist_methods, LoRA stage, 5 runs" in done.stdout, done.stdout
