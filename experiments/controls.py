@@ -17,13 +17,15 @@ from __future__ import annotations
 import argparse
 import shlex
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without an install
+sys.path.insert(0, str(HERE))  # make_gallery, beside this script
+
+from make_gallery import run_step  # noqa: E402
 
 from lora_lab.report.verdict import recommend  # noqa: E402
 from lora_lab.results import read_results  # noqa: E402
@@ -65,11 +67,7 @@ def run(name: str, work: Path) -> None:
     print("+", shlex.join(step), flush=True)
     if (ROOT / work / name).exists():
         shutil.rmtree(ROOT / work / name)
-    done = subprocess.run([sys.executable, "-m", "lora_lab.cli", *step[1:]], cwd=ROOT)
-    # 1: the study finished but its exactness certificate failed; the report says so and
-    # the gallery keeps it, as the study wrote it. Anything else stops the gallery.
-    if done.returncode not in (0, 1):
-        raise subprocess.CalledProcessError(done.returncode, step)
+    run_step(step)
     target = FOLDER / name
     target.mkdir(parents=True, exist_ok=True)
     shutil.copy2(ROOT / work / name / "results.csv", target / "results.csv")

@@ -45,6 +45,15 @@ NO_ANALYSIS = {"fashion_mnist_methods"}
 KEEP = ("results.csv", "analysis.csv", "curves.csv", "confusion.csv", "verify.json", "*.png")
 
 
+def run_step(step: list[str]) -> None:
+    """Run one `lora-lab …` command from the repository root. Exit code 1 (the study finished
+    but its exactness certificate failed) is kept: the report says so, and the gallery keeps it
+    as the study wrote it. Any other failure stops the gallery."""
+    done = subprocess.run([sys.executable, "-m", "lora_lab.cli", *step[1:]], cwd=ROOT)
+    if done.returncode not in (0, 1):
+        raise subprocess.CalledProcessError(done.returncode, step)
+
+
 def commands(name: str, work: Path, extra: list[str]) -> list[list[str]]:
     """The two commands that make a study: the sweep and its analysis."""
     sweep = [
@@ -68,11 +77,7 @@ def make(name: str, into: Path, work_root: Path, extra: list[str]) -> Path:
     steps = commands(name, work, extra)
     for step in steps:
         print("+", shlex.join(step), flush=True)
-        done = subprocess.run([sys.executable, "-m", "lora_lab.cli", *step[1:]], cwd=ROOT)
-        # 1: the study finished but its exactness certificate failed; the report says so and
-        # the gallery keeps it, as the study wrote it. Anything else stops the gallery.
-        if done.returncode not in (0, 1):
-            raise subprocess.CalledProcessError(done.returncode, step)
+        run_step(step)
     target = into / name
     if target.exists():
         shutil.rmtree(target)
